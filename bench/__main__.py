@@ -1,4 +1,4 @@
-"""`python -m bench NAME [ARGS]`: run the benchmark in module `bench.NAME` (its `main(argv) -> int`)."""
+"""`python -m bench NAME [ARGS]`: run the benchmark in `bench.NAME` (its `main(argv) -> int`)."""
 
 from __future__ import annotations
 

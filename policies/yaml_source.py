@@ -6,7 +6,6 @@ the exact place and fix. Imports only PyYAML and the standard library.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +89,7 @@ class _Builder:
             return self._mapping(node, path)
         if isinstance(node, SequenceNode):
             return [self.build(item, (*path, index)) for index, item in enumerate(node.value)]
-        assert isinstance(node, ScalarNode)  # noqa: S101 — the composer yields only these three
+        assert isinstance(node, ScalarNode)
         return self.loader.construct_object(node, deep=True)
 
     def _mapping(self, node: MappingNode, path: PathKey) -> dict[Any, Any]:
@@ -99,8 +98,11 @@ class _Builder:
         for key_node, value_node in node.value:
             key = self.loader.construct_object(key_node, deep=True)
             where = _position(self.source, key_node)
-            if not isinstance(key, Hashable) or isinstance(key, list | dict):
-                self.errors.append(SourceError(where, "a mapping key must be a plain value"))
+            # Keys are names or numbers; `yes:`/`on:` would silently become True in YAML 1.1.
+            if isinstance(key, bool) or not isinstance(key, str | int):
+                self.errors.append(
+                    SourceError(where, "a mapping key must be text", "put it in quotes: 'key':")
+                )
                 continue
             if key in result:
                 first = self.keys.get((*path, key))
@@ -134,7 +136,9 @@ def parse_yaml(text: str, source: str) -> YamlDocument:
             [SourceError(Position(source, line, column), f"invalid YAML: {problem}")]
         ) from None
     except yaml.YAMLError as error:
-        raise SourceErrors([SourceError(Position(source, 1, 1), f"invalid YAML: {error}")]) from None
+        raise SourceErrors(
+            [SourceError(Position(source, 1, 1), f"invalid YAML: {error}")]
+        ) from None
     finally:
         loader.dispose()
     if builder.errors:

@@ -1,0 +1,132 @@
+"""Composition root: the one place that reads settings and wires them into objects.
+
+`create_app()` is the factory every uvicorn worker calls (config path from TABIJI_CONFIG). The
+returned app is raw ASGI: the proxy path avoids framework overhead (see bench/stacks.py);
+Starlette serves only the gateway's own endpoints under /.tabiji/.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from gateway import observability
+from gateway.forward import Forwarder
+from gateway.observability import Readiness
+from gateway.pages import Pages
+from gateway.peer import TrustedProxies
+from gateway.pipeline import Pipeline, PublicOnlyDecider, Receive, Scope, Send
+from gateway.routing import Route, RouteTable, Upstream
+from gateway.settings import CONFIG_ENV, GatewaySettings, RouteConfig, load_settings
+from gateway.web.catalogue import load_catalogue
+from gateway.web.endpoints import build_internal_app
+
+log = logging.getLogger("tabiji.app")
+
+
+def upstream_ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
+    """A verifying TLS context for an https upstream (system CAs, or the route's own bundle)."""
+    context = ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle else None)
+    context.check_hostname = True  # never silently disabled
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def build_route(config: RouteConfig, default_max_body: int) -> Route:
+    """Turn a validated route config into the pipeline's own Route value."""
+    scheme, authority, prefix = config.from_parts
+    target = urlsplit(config.to)
+    upstream_scheme = target.scheme
+    port = target.port or (443 if upstream_scheme == "https" else 80)
+    return Route(
+        name=config.name,
+        scheme=scheme,
+        host=authority,
+        path_prefix=prefix,
+        upstream=Upstream(
+            scheme=upstream_scheme,
+            host=target.hostname or "",
+            port=port,
+            base_path=target.path.rstrip("/"),
+            ssl_context=(
+                upstream_ssl_context(config.tls_ca_bundle) if upstream_scheme == "https" else None
+            ),
+        ),
+        preserve_host=config.preserve_host,
+        connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout,
+        max_body_bytes=int(config.max_body_bytes or default_max_body),
+        websockets=config.websockets,
+        public=config.public,
+        policy=config.policy,
+    )
+
+
+class GatewayApp:
+    """The raw ASGI app: HTTP and WebSocket go to the pipeline; it also runs the lifespan."""
+
+    def __init__(self, pipeline: Pipeline, forwarder: Forwarder) -> None:
+        self.pipeline = pipeline
+        self.forwarder = forwarder
+        self.handle_http = pipeline.handle_http
+        self.handle_websocket = pipeline.handle_websocket
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.handle_http(scope, receive, send)
+        elif kind == "websocket":
+            await self.handle_websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.forwarder.start()
+                except Exception as error:  # a worker that cannot start must say why and stop
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(error)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.forwarder.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def build_app(settings: GatewaySettings) -> GatewayApp:
+    """Wire every collaborator from settings (no other module reads them)."""
+    routes = RouteTable(
+        [build_route(route, int(settings.server.max_body_bytes)) for route in settings.routes]
+    )
+    pages = Pages(load_catalogue())
+    readiness = Readiness()
+    readiness.add("config", lambda: (True, f"{len(routes.routes)} routes loaded"))
+    forwarder = Forwarder()
+    pipeline = Pipeline(
+        routes=routes,
+        trusted_proxies=TrustedProxies(list(settings.trusted_proxies)),
+        decider=PublicOnlyDecider(),
+        forwarder=forwarder,
+        pages=pages,
+        internal_app=build_internal_app(pages=pages, readiness=readiness.check_all),
+        stages=observability.stages,
+        metrics=observability.metrics,
+        access_log=settings.logging.access_log,
+    )
+    return GatewayApp(pipeline, forwarder)
+
+
+def create_app() -> Any:
+    """uvicorn factory: read the config named by TABIJI_CONFIG and build the app."""
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        raise RuntimeError(f"set {CONFIG_ENV} to the gateway's config file")
+    return build_app(load_settings(Path(path)))

@@ -1,0 +1,187 @@
+"""`tabiji …`: the gateway's command line (serve, check-config, demo).
+
+Exit codes: 0 ok, 1 a check failed, 2 usage error. Reads settings (with gateway.app, the only
+modules that do) and turns them into the serving options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway.settings import CONFIG_ENV, GatewaySettings, load_settings
+from policies.yaml_source import SourceErrors
+
+if TYPE_CHECKING:
+    from gateway.serving import ServeOptions
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _config_path(value: str | None) -> Path | None:
+    chosen = value or os.environ.get(CONFIG_ENV)
+    return Path(chosen) if chosen else None
+
+
+def _load_or_report(path: Path, as_json: bool = False) -> GatewaySettings | None:
+    try:
+        return load_settings(path)
+    except SourceErrors as errors:
+        if as_json:
+            print(
+                json.dumps(
+                    {
+                        "ok": False,
+                        "errors": [
+                            {
+                                "file": e.position.source,
+                                "line": e.position.line,
+                                "column": e.position.column,
+                                "message": e.message,
+                                "hint": e.hint,
+                            }
+                            for e in errors.errors
+                        ],
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        else:
+            for error in errors.errors:
+                print(error, file=sys.stderr)
+            count = len(errors.errors)
+            print(f"{count} problem{'s' if count != 1 else ''} in {path}", file=sys.stderr)
+        return None
+
+
+def serve_options(
+    settings: GatewaySettings, config_path: Path, workers: int | None
+) -> ServeOptions:
+    """The serving layer's options, from settings (plus the CLI's overrides)."""
+    from gateway.protocol import ProtocolLimits
+    from gateway.serving import ServeOptions
+
+    server = settings.server
+    metrics_listen = settings.metrics.listen
+    return ServeOptions(
+        host=settings.listen.host,
+        port=settings.listen.port,
+        workers=workers or server.workers,
+        ssl_certfile=str(settings.tls.cert) if settings.tls else None,
+        ssl_keyfile=str(settings.tls.key) if settings.tls else None,
+        limits=ProtocolLimits(
+            max_head_bytes=int(server.max_head_bytes),
+            max_header_count=server.max_headers,
+            head_timeout=server.head_timeout,
+        ),
+        keep_alive_timeout=max(1, round(server.keep_alive_timeout)),
+        graceful_shutdown_seconds=round(server.graceful_shutdown),
+        limit_concurrency=server.max_concurrency,
+        metrics_host=metrics_listen.host if metrics_listen else "127.0.0.1",
+        metrics_port=metrics_listen.port if metrics_listen else None,
+        log_level=settings.logging.level,
+        config_path=str(config_path.resolve()),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    path = _config_path(args.config)
+    if path is None:
+        print(f"give --config FILE or set {CONFIG_ENV}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = _load_or_report(path)
+    if settings is None:
+        return EXIT_FAILED
+    from gateway.serving import serve
+
+    return serve(serve_options(settings, path, args.workers))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    settings = _load_or_report(path, args.json)
+    if settings is None:
+        return EXIT_FAILED
+    # Build every object the gateway would build, so nothing fails later at start-up.
+    from gateway.app import build_app
+
+    build_app(settings)
+    names = [route.name for route in settings.routes]
+    if args.json:
+        print(json.dumps({"ok": True, "routes": names}, ensure_ascii=False))
+    else:
+        print(f"{path}: OK — {len(names)} route(s): {', '.join(names)}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo.run import run_demo
+
+    return run_demo(port=args.port, upstream_port=args.upstream_port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tabiji",
+        description="Tabiji (旅路): a zero-trust access gateway. Every request is checked, "
+        "then forwarded to the town's internal systems.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description=(
+            "Run the gateway. SIGTERM stops it gracefully: in-flight requests may finish within "
+            "server.graceful_shutdown."
+        ),
+    )
+    serve.add_argument("--config", help=f"the gateway's YAML config (default: ${CONFIG_ENV})")
+    serve.add_argument("--workers", type=int, help="worker processes (overrides server.workers)")
+    serve.set_defaults(handler=cmd_serve)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file",
+        description=(
+            "Validate a config file and report every problem with file:line:column and a hint. "
+            "Exit 0 when valid, 1 when not."
+        ),
+    )
+    check.add_argument("file", help="the YAML config to check")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(handler=cmd_check_config)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a local demo (loopback only)",
+        description=(
+            "Start the demo upstream 「庁内グループウェア」 and the gateway in front of it, all on "
+            "127.0.0.1, with the embedded defaults. Stop with Ctrl-C."
+        ),
+    )
+    demo.add_argument("--port", type=int, default=8080, help="the gateway's port (default 8080)")
+    demo.add_argument("--upstream-port", type=int, default=9001, help="the demo app's port")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    result: int = args.handler(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

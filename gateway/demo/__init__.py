@@ -1,0 +1,1 @@
+"""Demo-only servers behind `tabiji demo`: loopback only, never part of a production deployment."""

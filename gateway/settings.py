@@ -1,0 +1,344 @@
+"""The whole gateway configuration: one frozen pydantic-settings model, read from a YAML file.
+
+`load_settings(path)` reports every problem with file:line:column and a hint; environment variables
+(`TABIJI_…`, nested with `__`) override the file. Only gateway.app and gateway.cli import it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    FilePath,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from policies.yaml_source import Position, SourceError, SourceErrors, YamlDocument, read_yaml
+
+CONFIG_ENV = "TABIJI_CONFIG"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def _parse_duration(value: object) -> object:
+    """'500ms', '5s', '15m', '12h', '1d' or a number of seconds → seconds as float."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError("a duration looks like 500ms, 5s, 15m, 12h or 1d")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Section):
+    """A socket to listen on."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+    @field_validator("host")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("give an IP address such as 127.0.0.1 or 0.0.0.0") from None
+        return value
+
+
+class Tls(_Section):
+    """TLS terminated by the gateway itself (otherwise plain HTTP behind a trusted proxy)."""
+
+    cert: FilePath
+    key: FilePath
+
+
+class Server(_Section):
+    """Limits that protect the gateway from slow or oversized clients."""
+
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    max_head_bytes: Annotated[ByteSize, Field(ge=1024, le=1024 * 1024)] = ByteSize(16 * 1024)
+    max_headers: Annotated[int, Field(ge=8, le=1000)] = 100
+    head_timeout: Duration = 5.0
+    keep_alive_timeout: Duration = 5.0
+    graceful_shutdown: Duration = 30.0
+    max_body_bytes: ByteSize = ByteSize(100 * 1024 * 1024)
+    max_concurrency: Annotated[int, Field(ge=1)] | None = None
+
+
+class Metrics(_Section):
+    """Prometheus metrics on their own listener (never on the public one)."""
+
+    listen: Listen | None = None
+
+
+class Logging(_Section):
+    """Structured JSON logs on stderr."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+def _split_url(value: str, what: str) -> tuple[str, str, int | None, str]:
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"}:
+        raise ValueError(f"{what} must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"{what} needs a host name")
+    if parts.username or parts.password:
+        raise ValueError(f"{what} must not carry a user name or password")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{what} must not have a query (?…) or fragment (#…)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{what} has an invalid port") from None
+    return parts.scheme, parts.hostname.lower(), port, parts.path
+
+
+def _clean_prefix(path: str, what: str) -> str:
+    if not path or path == "/":
+        return "/"
+    if "%" in path or "\\" in path or "//" in path or ";" in path:
+        raise ValueError(f"the path of {what} must be plain: no %, \\, ; or //")
+    segments = PurePosixPath(path).parts
+    if any(segment in {".", ".."} for segment in segments):
+        raise ValueError(f"the path of {what} must not contain . or .. segments")
+    return "/" + "/".join(segment for segment in segments if segment != "/")
+
+
+class RouteConfig(_Section):
+    """One published system: who reaches it at `from`, where it lives at `to`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+    from_: Annotated[str, Field(alias="from")]
+    to: str
+    preserve_host: bool = False
+    connect_timeout: Duration = 5.0
+    read_timeout: Duration = 30.0
+    max_body_bytes: ByteSize | None = None
+    websockets: bool = False
+    public: bool = False
+    policy: str | None = None
+    tls_ca_bundle: FilePath | None = None
+
+    @field_validator("from_")
+    @classmethod
+    def _from_url(cls, value: str) -> str:
+        _, _, _, path = _split_url(value, "'from'")
+        _clean_prefix(path, "'from'")
+        return value
+
+    @field_validator("to")
+    @classmethod
+    def _to_url(cls, value: str) -> str:
+        _, _, _, path = _split_url(value, "'to'")
+        _clean_prefix(path, "'to'")
+        return value
+
+    @model_validator(mode="after")
+    def _access_is_explicit(self) -> RouteConfig:
+        if self.public and self.policy is not None:
+            raise ValueError("set either 'public: true' or 'policy:', not both")
+        if self.tls_ca_bundle is not None and not self.to.startswith("https://"):
+            raise ValueError("'tls_ca_bundle' only applies to an https:// upstream")
+        return self
+
+    @property
+    def from_parts(self) -> tuple[str, str, str]:
+        """(scheme, canonical authority, path prefix) of `from`."""
+        scheme, host, port, path = _split_url(self.from_, "'from'")
+        default = 443 if scheme == "https" else 80
+        authority = host if port in (None, default) else f"{host}:{port}"
+        if ":" in host:
+            authority = f"[{host}]" if port in (None, default) else f"[{host}]:{port}"
+        return scheme, authority, _clean_prefix(path, "'from'")
+
+
+class GatewaySettings(BaseSettings):
+    """The gateway's whole configuration (see deploy/gateway.example.yaml for every key)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TABIJI_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    listen: Listen = Listen()
+    public_url: str
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    tls: Tls | None = None
+    server: Server = Server()
+    metrics: Metrics = Metrics()
+    logging: Logging = Logging()
+    routes: Annotated[list[RouteConfig], Field(min_length=1)]
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        _, _, _, path = _split_url(value, "'public_url'")
+        if path not in {"", "/"}:
+            raise ValueError("'public_url' is an origin only, e.g. https://gateway.town.example")
+        return value.rstrip("/")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [ipaddress.ip_network(str(item), strict=False) for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _routes_are_distinct(self) -> GatewaySettings:
+        names: set[str] = set()
+        places: dict[tuple[str, str], str] = {}
+        for route in self.routes:
+            if route.name in names:
+                raise ValueError(f"two routes are named '{route.name}'; names must be unique")
+            names.add(route.name)
+            _, authority, prefix = route.from_parts
+            other = places.setdefault((authority, prefix), route.name)
+            if other != route.name:
+                raise ValueError(
+                    f"routes '{other}' and '{route.name}' both claim {authority}{prefix}"
+                )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (12-factor deployments); no .env files are read.
+        return (env_settings, init_settings)
+
+
+_HINTS = {
+    "missing": "add it",
+    "extra_forbidden": "remove it",
+    "bool_parsing": "write true or false",
+    "bool_type": "write true or false",
+    "int_parsing": "write a whole number",
+    "path_not_file": "give the path of an existing file",
+    "list_type": "write a list (- item, or [a, b])",
+    "model_type": "write a mapping (key: value)",
+    "string_type": "write text",
+    "too_short": "add at least one",
+    "literal_error": "choose one of the allowed values",
+    "string_pattern_mismatch": "use lower-case letters, digits, '-' and '_'",
+}
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The model class whose field set applies at `loc` (for did-you-mean hints)."""
+    model: type[BaseModel] = GatewaySettings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = next((f for name, f in model.model_fields.items() if part in {name, f.alias}), None)
+        if field is None:
+            return model
+        inner = _inner_model(field.annotation)
+        if inner is None:
+            return None
+        model = inner
+    return model
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _to_source_error(error: Any, document: YamlDocument) -> SourceError:
+    loc: tuple[str | int, ...] = tuple(p for p in error["loc"] if not str(p).startswith("function"))
+    kind = error["type"]
+    message = error["msg"].removeprefix("Value error, ")
+    dotted = ".".join(str(part) for part in loc)
+    hint = _HINTS.get(kind, "")
+    if kind == "extra_forbidden" and loc:
+        model = _model_at(loc[:-1])
+        choices = _field_names(model) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), choices, n=1)
+        message = f"unknown key '{loc[-1]}'"
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(choices)}"
+        position = document.position_of(loc, key=True)
+    elif kind == "missing":
+        message = f"'{loc[-1]}' is required" if loc else message
+        position = document.position_of(loc[:-1])
+    else:
+        message = f"{dotted}: {message}" if dotted else message
+        position = document.position_of(loc)
+    if dotted and document.position_of(loc) == Position(document.source, 1, 1):
+        env_name = "TABIJI_" + "__".join(str(p).upper() for p in loc[:1])
+        if env_name in os.environ:
+            hint = f"{hint}; the value comes from the environment variable {env_name}".lstrip("; ")
+    return SourceError(position, message, hint)
+
+
+def load_settings(path: Path) -> GatewaySettings:
+    """Read, validate and freeze the gateway configuration; SourceErrors lists every problem."""
+    document = read_yaml(path)
+    data = document.data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SourceErrors(
+            [SourceError(Position(document.source, 1, 1), "the config must be a mapping of keys")]
+        )
+    try:
+        # Relative file paths in the config are relative to the config file, not the CWD.
+        return _with_base_dir(path.parent, lambda: GatewaySettings(**data))
+    except ValidationError as error:
+        raise SourceErrors(
+            [_to_source_error(item, document) for item in error.errors(include_url=False)]
+        ) from None
+
+
+def _with_base_dir(base: Path, build: Any) -> GatewaySettings:
+    previous = Path.cwd()
+    try:
+        os.chdir(base)
+        settings: GatewaySettings = build()
+    finally:
+        os.chdir(previous)
+    return settings
