@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from policies.yaml_source import Position, SourceError, SourceErrors, YamlDocument, read_yaml
 
 CONFIG_ENV = "TABIJI_CONFIG"
+_ROUTE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -134,7 +135,7 @@ class RouteConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+    name: str
     from_: Annotated[str, Field(alias="from")]
     to: str
     preserve_host: bool = False
@@ -145,6 +146,15 @@ class RouteConfig(_Section):
     public: bool = False
     policy: str | None = None
     tls_ca_bundle: FilePath | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not _ROUTE_NAME.fullmatch(value):
+            raise ValueError(
+                "a route name is 1-63 lower-case letters, digits, '-' or '_', e.g. 'groupware'"
+            )
+        return value
 
     @field_validator("from_")
     @classmethod
@@ -255,7 +265,6 @@ _HINTS = {
     "string_type": "write text",
     "too_short": "add at least one",
     "literal_error": "choose one of the allowed values",
-    "string_pattern_mismatch": "use lower-case letters, digits, '-' and '_'",
 }
 
 
@@ -329,9 +338,9 @@ def load_settings(path: Path) -> GatewaySettings:
         # Relative file paths in the config are relative to the config file, not the CWD.
         return _with_base_dir(path.parent, lambda: GatewaySettings(**data))
     except ValidationError as error:
-        raise SourceErrors(
-            [_to_source_error(item, document) for item in error.errors(include_url=False)]
-        ) from None
+        found = [_to_source_error(item, document) for item in error.errors(include_url=False)]
+        found.sort(key=lambda e: (e.position.line, e.position.column))  # in reading order
+        raise SourceErrors(found) from None
 
 
 def _with_base_dir(base: Path, build: Any) -> GatewaySettings:
