@@ -1,1 +1,1 @@
-"""Tabiji's benchmarks: `python -m bench NAME`, each printing ratios against a baseline of the same run."""
+"""Tabiji's benchmarks: `python -m bench NAME`, each with ratios against a same-run baseline."""

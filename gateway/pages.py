@@ -10,6 +10,7 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,14 @@ class Pages:
         ]
 
     def security_headers(self, https: bool) -> Headers:
-        """Headers for the gateway's own pages; HSTS only over HTTPS (RFC 6797 §7.2)."""
+        """Headers for the gateway's own pages; HSTS only over HTTPS (RFC 6797 §7.2).
+
+        Also Date (RFC 9110 §6.6.1): uvicorn's is off, so forwarded responses keep the upstream's.
+        """
+        headers = [*self._base_headers, (b"date", formatdate(usegmt=True).encode())]
         if https:
-            return [*self._base_headers, (b"strict-transport-security", b"max-age=31536000")]
-        return list(self._base_headers)
+            headers.append((b"strict-transport-security", b"max-age=31536000"))
+        return headers
 
     def render_error(
         self,
