@@ -14,6 +14,8 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 PathKey = tuple[str | int, ...]
+# libyaml's parser when present (several times faster); the same safe constructor either way.
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _PLAIN_TAGS = frozenset({"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"})
 
 
@@ -96,13 +98,21 @@ class _Builder:
         if isinstance(node, SequenceNode):
             return [self.build(item, (*path, index)) for index, item in enumerate(node.value)]
         assert isinstance(node, ScalarNode)
-        return self.loader.construct_object(node, deep=True)
+        return self._construct(node)
+
+    def _construct(self, node: Node) -> Any:
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except ValueError as error:  # e.g. 2025-13-01 matches the date pattern but is no date
+            raise yaml.constructor.ConstructorError(
+                None, None, f"invalid value {node.value!r} ({error})", node.start_mark
+            ) from None
 
     def _mapping(self, node: MappingNode, path: PathKey) -> dict[Any, Any]:
         self.loader.flatten_mapping(node)  # resolves YAML merge keys (<<) the way PyYAML does
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = self.loader.construct_object(key_node, deep=True)
+            key = self._construct(key_node)
             where = _position(self.source, key_node)
             # Keys are names or numbers; `yes:`/`on:` would silently become True in YAML 1.1.
             if isinstance(key, bool) or not isinstance(key, str | int):
@@ -127,7 +137,7 @@ class _Builder:
 
 def parse_yaml(text: str, source: str) -> YamlDocument:
     """Parse one YAML document safely; raise SourceErrors naming every problem found."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
