@@ -15,15 +15,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway import observability
+from gateway.decide import PolicyDecider, PolicyHolder, empty_policy_set
 from gateway.forward import Forwarder
 from gateway.observability import Readiness
 from gateway.pages import Pages
 from gateway.peer import TrustedProxies
-from gateway.pipeline import Pipeline, PublicOnlyDecider, Receive, Scope, Send
+from gateway.pipeline import Pipeline, Receive, Scope, Send
+from gateway.policy_reload import PolicyReloader
 from gateway.routing import Route, RouteTable, Upstream
 from gateway.settings import CONFIG_ENV, GatewaySettings, RouteConfig, load_settings
 from gateway.web.catalogue import load_catalogue
 from gateway.web.endpoints import build_internal_app
+from policies.geoip import GeoIP
+from policies.loader import load_policy_dir
 
 log = logging.getLogger("tabiji.app")
 
@@ -69,9 +73,12 @@ def build_route(config: RouteConfig, default_max_body: int) -> Route:
 class GatewayApp:
     """The raw ASGI app: HTTP and WebSocket go to the pipeline; it also runs the lifespan."""
 
-    def __init__(self, pipeline: Pipeline, forwarder: Forwarder) -> None:
+    def __init__(
+        self, pipeline: Pipeline, forwarder: Forwarder, reloader: PolicyReloader | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.forwarder = forwarder
+        self.reloader = reloader
         self.handle_http = pipeline.handle_http
         self.handle_websocket = pipeline.handle_websocket
 
@@ -90,12 +97,18 @@ class GatewayApp:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.forwarder.start()
+                    if self.reloader is not None:
+                        # Catch up with changes made between loading the config and now.
+                        await self.reloader.reload()
+                        await self.reloader.start()
                 except Exception as error:  # a worker that cannot start must say why and stop
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(error)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.reloader is not None:
+                    await self.reloader.stop()
                 await self.forwarder.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -109,11 +122,25 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
     pages = Pages(load_catalogue())
     readiness = Readiness()
     readiness.add("config", lambda: (True, f"{len(routes.routes)} routes loaded"))
+    policies = settings.policies
+    holder = PolicyHolder(load_policy_dir(policies.dir) if policies else empty_policy_set())
+    reloader = None
+    if policies is not None:
+        reloader = PolicyReloader(
+            directory=policies.dir,
+            holder=holder,
+            required=frozenset(r.policy for r in settings.routes if r.policy),
+            poll_interval=policies.poll_interval,
+            use_events=policies.watch == "events",
+            count=observability.count_policy_reload,
+        )
+        readiness.add("policies", reloader.readiness)
+    geoip = GeoIP(settings.geoip.database) if settings.geoip else None
     forwarder = Forwarder()
     pipeline = Pipeline(
         routes=routes,
         trusted_proxies=TrustedProxies(list(settings.trusted_proxies)),
-        decider=PublicOnlyDecider(),
+        decider=PolicyDecider(holder, geoip),
         forwarder=forwarder,
         pages=pages,
         internal_app=build_internal_app(pages=pages, readiness=readiness.check_all),
@@ -121,7 +148,7 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
         metrics=observability.metrics,
         access_log=settings.logging.access_log,
     )
-    return GatewayApp(pipeline, forwarder)
+    return GatewayApp(pipeline, forwarder, reloader)
 
 
 def create_app() -> Any:

@@ -216,6 +216,19 @@ class Stages:
         return {stage: (cell[0], cell[1]) for stage, cell in self.cells.copy().items()}
 
 
+# Rare events (a policy reload) go straight to prometheus_client: their cost does not matter.
+policy_reloads = Counter(
+    "tabiji_policy_reloads",
+    "Policy directory reloads, by result: applied, unchanged or rejected (last good set kept).",
+    ["result"],
+)
+
+
+def count_policy_reload(result: str) -> None:
+    """Count one policy reload attempt by its result."""
+    policy_reloads.labels(result).inc()
+
+
 # The process-wide instances: uvicorn builds the protocol objects itself, so they cannot be handed
 # these as arguments; the composition root passes the same objects on to the pipeline.
 metrics = Metrics()

@@ -13,13 +13,14 @@ from time import perf_counter_ns
 from typing import Any, Protocol
 
 from gateway.context import Peer, RequestContext
+from gateway.decide import Verdict
 from gateway.errors import (
     AccessDenied,
     BadRequestTarget,
     GatewayError,
     UnknownHost,
 )
-from gateway.forward import Forwarder, ForwardResult
+from gateway.forward import ClientDisconnected, Forwarder, ForwardResult, ResponseAborted
 from gateway.headers import new_request_id, upstream_request_headers
 from gateway.pages import Pages
 from gateway.peer import TrustedProxies, resolve_peer
@@ -36,28 +37,10 @@ RESERVED_PREFIX = "/.tabiji"
 log = logging.getLogger("tabiji.pipeline")
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The verdict for one request; `reasons` are stable kebab-case codes."""
-
-    allowed: bool
-    reasons: tuple[str, ...] = ()
-    rule: str | None = None
-
-
 class Decider(Protocol):
-    """Turns the gathered facts into a decision (the policy engine plugs in here)."""
+    """Turns the gathered facts into a verdict (gateway.decide: the policy engine)."""
 
-    def decide(self, ctx: RequestContext) -> Decision: ...
-
-
-class PublicOnlyDecider:
-    """Default deny until a route names a policy: only `public: true` routes are allowed."""
-
-    def decide(self, ctx: RequestContext) -> Decision:
-        if ctx.route.public:
-            return Decision(allowed=True, rule="public")
-        return Decision(allowed=False, reasons=("route-not-public",))
+    def decide(self, ctx: RequestContext) -> Verdict: ...
 
 
 class StageClock(Protocol):
@@ -85,6 +68,9 @@ class _Outcome:
     status: int = 0
     decision: str = "error"
     code: str = ""
+    policy_hash: str = "-"
+    rule: str | None = None
+    reasons: tuple[str, ...] = ()
     result: ForwardResult | None = None
 
 
@@ -167,13 +153,14 @@ class Pipeline:
             ctx = self._context(scope, outcome.request_id, peer, target)
             outcome.route = ctx.route.name
             t2 = perf_counter_ns()
-            decision = self.decider.decide(ctx)
+            verdict = self.decider.decide(ctx)
             t3 = perf_counter_ns()
             stages.add("peer", t1 - t0)
             stages.add("route", t2 - t1)
             stages.add("decide", t3 - t2)
-            if not decision.allowed:
-                raise AccessDenied(decision.reasons)
+            outcome.policy_hash, outcome.rule = verdict.policy_hash, verdict.rule
+            if not verdict.allowed:
+                raise AccessDenied(verdict.reasons)
             outcome.decision = "allow"
             upstream_headers = upstream_request_headers(
                 headers, peer=peer, route=ctx.route, request_id=ctx.request_id
@@ -184,6 +171,13 @@ class Pipeline:
             stages.add("forward", perf_counter_ns() - t4)
             outcome.result = result
             outcome.status = result.status
+        except (ResponseAborted, ClientDisconnected) as broken:
+            # The response was under way (or nobody is listening): nothing more can be sent;
+            # returning without completing it makes the server close the connection.
+            outcome.status, outcome.code, outcome.result = broken.status, broken.code, broken.result
+            log.warning(
+                "exchange broken", extra={"request_id": outcome.request_id, "code": broken.code}
+            )
         except GatewayError as error:
             head_only = scope.get("method") == "HEAD"
             await self._refuse(
@@ -233,6 +227,7 @@ class Pipeline:
         head_only: bool,
     ) -> None:
         reasons = error.reasons if isinstance(error, AccessDenied) else ()
+        outcome.reasons = reasons
         outcome.status, outcome.code = error.status, error.code
         outcome.decision = "deny" if isinstance(error, AccessDenied) else "error"
         if outcome.request_id == "-":
@@ -270,6 +265,9 @@ class Pipeline:
                     "status": outcome.status,
                     "decision": outcome.decision,
                     "code": outcome.code or None,
+                    "reasons": list(outcome.reasons) or None,
+                    "rule": outcome.rule,
+                    "policy_hash": outcome.policy_hash,
                     "bytes_in": result.bytes_in if result else 0,
                     "bytes_out": result.bytes_out if result else 0,
                 },
@@ -294,15 +292,18 @@ class Pipeline:
             outcome.route = ctx.route.name
             if not ctx.route.websockets:
                 raise AccessDenied(("websocket-not-allowed",))
-            decision = self.decider.decide(ctx)
-            if not decision.allowed:
-                raise AccessDenied(decision.reasons)
+            verdict = self.decider.decide(ctx)
+            outcome.policy_hash, outcome.rule = verdict.policy_hash, verdict.rule
+            if not verdict.allowed:
+                raise AccessDenied(verdict.reasons)
             outcome.decision = "allow"
             upstream_headers = upstream_request_headers(
                 headers, peer=peer, route=ctx.route, request_id=ctx.request_id
             )
             result = await self.forwarder.forward_websocket(ctx, upstream_headers, receive, send)
             outcome.result, outcome.status = result, result.status
+        except (ResponseAborted, ClientDisconnected) as broken:
+            outcome.status, outcome.code, outcome.result = broken.status, broken.code, broken.result
         except GatewayError as error:
             await self._refuse_websocket(scope, receive, send, error, outcome=outcome, https=https)
         except Exception:
@@ -325,6 +326,7 @@ class Pipeline:
     ) -> None:
         headers = scope["headers"]
         reasons = error.reasons if isinstance(error, AccessDenied) else ()
+        outcome.reasons = reasons
         outcome.status, outcome.code = error.status, error.code
         outcome.decision = "deny" if isinstance(error, AccessDenied) else "error"
         if outcome.request_id == "-":

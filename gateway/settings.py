@@ -15,10 +15,12 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ByteSize,
     ConfigDict,
+    DirectoryPath,
     Field,
     FilePath,
     ValidationError,
@@ -27,6 +29,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from policies.loader import load_policy_dir
 from policies.yaml_source import Position, SourceError, SourceErrors, YamlDocument, read_yaml
 
 CONFIG_ENV = "TABIJI_CONFIG"
@@ -46,6 +49,9 @@ def _parse_duration(value: object) -> object:
 
 
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+# Validation runs inside the config file's directory, so resolving makes relative paths absolute.
+File = Annotated[FilePath, AfterValidator(Path.resolve)]
+Directory = Annotated[DirectoryPath, AfterValidator(Path.resolve)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -72,8 +78,8 @@ class Listen(_Section):
 class Tls(_Section):
     """TLS terminated by the gateway itself (otherwise plain HTTP behind a trusted proxy)."""
 
-    cert: FilePath
-    key: FilePath
+    cert: File
+    key: File
 
 
 class Server(_Section):
@@ -87,6 +93,20 @@ class Server(_Section):
     graceful_shutdown: Duration = 30.0
     max_body_bytes: ByteSize = ByteSize(100 * 1024 * 1024)
     max_concurrency: Annotated[int, Field(ge=1)] | None = None
+
+
+class Policies(_Section):
+    """Where IT's YAML policies live, and how changes are picked up without a restart."""
+
+    dir: Directory
+    watch: Literal["events", "poll"] = "events"  # events fall back to polling when unavailable
+    poll_interval: Duration = 2.0  # how often to look when polling
+
+
+class GeoIPConfig(_Section):
+    """A MaxMind-format (mmdb) country database for the policies' `country` criterion."""
+
+    database: File
 
 
 class Metrics(_Section):
@@ -145,7 +165,7 @@ class RouteConfig(_Section):
     websockets: bool = False
     public: bool = False
     policy: str | None = None
-    tls_ca_bundle: FilePath | None = None
+    tls_ca_bundle: File | None = None
 
     @field_validator("name")
     @classmethod
@@ -207,6 +227,8 @@ class GatewaySettings(BaseSettings):
     server: Server = Server()
     metrics: Metrics = Metrics()
     logging: Logging = Logging()
+    policies: Policies | None = None
+    geoip: GeoIPConfig | None = None
     routes: Annotated[list[RouteConfig], Field(min_length=1)]
 
     @field_validator("public_url")
@@ -336,11 +358,50 @@ def load_settings(path: Path) -> GatewaySettings:
         )
     try:
         # Relative file paths in the config are relative to the config file, not the CWD.
-        return _with_base_dir(path.parent, lambda: GatewaySettings(**data))
+        settings = _with_base_dir(path.parent, lambda: GatewaySettings(**data))
     except ValidationError as error:
         found = [_to_source_error(item, document) for item in error.errors(include_url=False)]
         found.sort(key=lambda e: (e.position.line, e.position.column))  # in reading order
         raise SourceErrors(found) from None
+    problems = policy_reference_errors(settings, document)
+    if problems:
+        raise SourceErrors(problems)
+    return settings
+
+
+def policy_reference_errors(
+    settings: GatewaySettings, document: YamlDocument | None = None
+) -> list[SourceError]:
+    """Every route's `policy:` must name a policy of a policy set that lints clean."""
+    named = [(i, route.policy) for i, route in enumerate(settings.routes) if route.policy]
+    source = document.source if document else "config"
+
+    def where(index: int) -> Position:
+        if document is None:
+            return Position(source, 1, 1)
+        return document.position_of(("routes", index, "policy"))
+
+    if settings.policies is None:
+        return [
+            SourceError(
+                where(i),
+                f"route policy '{name}' needs a policy directory",
+                "add `policies: {dir: PATH}`",
+            )
+            for i, name in named
+        ]
+    try:
+        policy_set = load_policy_dir(settings.policies.dir)
+    except SourceErrors as errors:
+        return errors.errors
+    known = policy_set.names()
+    problems = []
+    for index, name in named:
+        if policy_set.policy(name) is None:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+            problems.append(SourceError(where(index), f"unknown policy '{name}'", hint))
+    return problems
 
 
 def _with_base_dir(base: Path, build: Any) -> GatewaySettings:

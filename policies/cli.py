@@ -53,6 +53,13 @@ MESSAGES: Final[dict[str, str]] = {
     "bad-now": "--now needs a date and time with an offset, such as 2025-04-01T10:00:00+09:00",
     "facts-not-mapping": "{path}: the facts file must be a mapping",
     "not-a-directory": "{path}: not a policy directory",
+    "config-help": "a gateway config: take the policy directory and the route's policy from it",
+    "route-help": "with --config: the route whose policy to explain",
+    "who-can-usage": "give a POLICY and --policies DIR, or --config FILE and --route NAME",
+    "config-unreadable": "{path}: not a readable gateway config with routes",
+    "config-no-policies": "{path}: the config has no 'policies: {{dir: …}}'",
+    "unknown-route": "unknown route '{name}'; the routes are: {names}",
+    "route-uses": "route '{route}' is decided by policy '{policy}':",
 }
 
 
@@ -80,8 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--now", help=say("now-help"))
     explain.add_argument("--json", action="store_true", help=say("json-help"))
     who = commands.add_parser("who-can", help=say("who-can-help"), description=say("who-can-help"))
-    who.add_argument("policy", help=say("who-can-policy-help"))
-    who.add_argument("--policies", type=Path, required=True, help=say("policies-help"))
+    who.add_argument("policy", nargs="?", help=say("who-can-policy-help"))
+    who.add_argument("--policies", type=Path, help=say("policies-help"))
+    who.add_argument("--config", type=Path, help=say("config-help"))
+    who.add_argument("--route", help=say("route-help"))
     who.add_argument("--json", action="store_true", help=say("json-help"))
     return parser
 
@@ -95,6 +104,11 @@ def main(  # noqa: PLR0911 — one exit per outcome, each a documented exit code
         args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as stop:  # argparse: --help exits 0, a usage error exits 2
         return int(stop.code or 0)
+    if args.command == "who-can":
+        resolved = _who_can_target(args)
+        if resolved is None:
+            return USAGE
+        args.policies, args.policy = resolved
     directory: Path = args.dir if args.command in {"lint", "test"} else args.policies
     if not directory.is_dir():
         print(say("not-a-directory", path=directory), file=sys.stderr)
@@ -246,6 +260,46 @@ def _explain(  # noqa: PLR0911 — one exit per outcome, each a documented exit 
     else:
         print(decision_text(decision), file=out)
     return OK
+
+
+def _who_can_target(args: argparse.Namespace) -> tuple[Path, str] | None:  # noqa: PLR0911 — one exit per misuse
+    """(policy directory, policy name) from POLICY + --policies, or from a gateway config's route.
+
+    The gateway's config is read here as plain YAML (policies never import the gateway): only
+    `policies.dir` and the route's `public` / `policy` keys matter.
+    """
+    if args.config is None:
+        if args.policy is None or args.policies is None or args.route is not None:
+            print(say("who-can-usage"), file=sys.stderr)
+            return None
+        return args.policies, args.policy
+    if args.route is None or args.policy is not None:
+        print(say("who-can-usage"), file=sys.stderr)
+        return None
+    try:
+        data = read_yaml(args.config).data
+    except SourceErrors as problem:
+        print("\n".join(str(error) for error in problem.errors), file=sys.stderr)
+        return None
+    routes = data.get("routes") if isinstance(data, dict) else None
+    if not isinstance(routes, list):
+        print(say("config-unreadable", path=args.config), file=sys.stderr)
+        return None
+    named = {r.get("name"): r for r in routes if isinstance(r, dict)}
+    route = named.get(args.route)
+    if route is None:
+        names = ", ".join(str(name) for name in named)
+        print(say("unknown-route", name=args.route, names=names), file=sys.stderr)
+        return None
+    policies = data.get("policies")
+    folder = policies.get("dir") if isinstance(policies, dict) else None
+    if not isinstance(folder, str):
+        print(say("config-no-policies", path=args.config), file=sys.stderr)
+        return None
+    # As in the gateway: `public: true` is the accept policy; no policy at all means nobody.
+    name = "accept" if route.get("public") is True else str(route.get("policy") or "reject")
+    print(say("route-uses", route=args.route, policy=name), file=sys.stderr)
+    return (args.config.parent / folder).resolve(), name
 
 
 def _who_can(loaded: LoadedDirectory, name: str, as_json: bool, out: TextIO) -> int:

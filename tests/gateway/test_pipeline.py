@@ -11,7 +11,7 @@ import pytest
 
 from gateway.app import GatewayApp, build_app
 from gateway.context import RequestContext
-from gateway.pipeline import Decision
+from gateway.decide import Verdict
 from gateway.settings import load_settings
 
 
@@ -80,7 +80,7 @@ async def call(
 class ExplodingDecider:
     """A decision stage that fails, as a broken policy or store might."""
 
-    def decide(self, ctx: RequestContext) -> Decision:
+    def decide(self, ctx: RequestContext) -> Verdict:
         raise RuntimeError("policy store unavailable")
 
 

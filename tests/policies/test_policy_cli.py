@@ -124,3 +124,25 @@ def test_help_explains_and_exits_0() -> None:
     )
     assert result.returncode == 0
     assert MESSAGES["description"].split(".")[0] in " ".join(result.stdout.split())
+
+
+def test_who_can_reads_a_gateway_route(tmp_path: Path) -> None:
+    """`who-can --config gateway.yaml --route NAME` explains the policy that route uses."""
+    (tmp_path / "pol").mkdir()
+    (tmp_path / "pol" / "p.yaml").write_text(
+        "policies:\n  - name: staff-only\n    allow: {group: staff}\n", encoding="utf-8"
+    )
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "public_url: http://gw.example\npolicies: {dir: pol}\nroutes:\n"
+        "  - {name: wiki, from: http://wiki.example, to: http://127.0.0.1:9, policy: staff-only}\n"
+        "  - {name: open, from: http://open.example, to: http://127.0.0.1:9, public: true}\n",
+        encoding="utf-8",
+    )
+    out = io.StringIO()
+    assert main(["who-can", "--config", str(config), "--route", "wiki"], out) == 0
+    assert "the user is in group staff" in out.getvalue()
+    out = io.StringIO()
+    assert main(["who-can", "--config", str(config), "--route", "open", "--json"], out) == 0
+    assert json.loads(out.getvalue())["policy"] == "accept"
+    assert main(["who-can", "--config", str(config), "--route", "nope"], io.StringIO()) == 2

@@ -1,0 +1,73 @@
+"""The decide stage: the facts gathered so far become the engine's AccessRequest; it decides.
+
+Only the policy engine allows; this module only translates. Must not import gateway.settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from gateway.context import RequestContext
+from policies.engine import PolicySet, evaluate
+from policies.geoip import GeoIP
+from policies.model import AccessRequest, Resource
+
+NO_POLICY_HASH = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A decision plus the policy set it came from (its content hash travels with every record)."""
+
+    allowed: bool
+    policy: str
+    rule: str | None
+    reasons: tuple[str, ...]
+    policy_hash: str
+
+
+class PolicyHolder:
+    """The policy set in force. The reloader replaces it whole; one attribute read is atomic."""
+
+    def __init__(self, policy_set: PolicySet) -> None:
+        self.current = policy_set
+
+
+class PolicyDecider:
+    """Decides every request with its route's policy, on the facts the pipeline has gathered."""
+
+    def __init__(self, holder: PolicyHolder, geoip: GeoIP | None = None) -> None:
+        self.holder = holder
+        self.geoip = geoip
+
+    def decide(self, ctx: RequestContext) -> Verdict:
+        route = ctx.route
+        policy_set = self.holder.current  # read once: a reload mid-request cannot mix two sets
+        if route.public:
+            return Verdict(True, "accept", "public", (), policy_set.content_hash)
+        if route.policy is None:
+            # Default deny: a route that names no policy refuses everything.
+            return Verdict(False, "-", None, ("route-not-public",), policy_set.content_hash)
+        policy = policy_set.policy(route.policy)
+        if policy is None:
+            return Verdict(False, route.policy, None, ("policy-unknown",), policy_set.content_hash)
+        client_ip = ctx.peer.client_ip
+        request = AccessRequest(
+            resource=Resource(route.name, ctx.peer.authority, ctx.target.path, ctx.method),
+            source_ip=client_ip,
+            country=self.geoip.country(client_ip) if self.geoip is not None else None,
+        )
+        decision = evaluate(policy, request, datetime.now(UTC))
+        return Verdict(
+            decision.allowed,
+            decision.policy,
+            decision.rule,
+            tuple(decision.reasons),
+            policy_set.content_hash,
+        )
+
+
+def empty_policy_set() -> PolicySet:
+    """The set in force when no policy directory is configured: only `accept` and `reject`."""
+    return PolicySet.of({}, NO_POLICY_HASH)
