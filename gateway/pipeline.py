@@ -22,6 +22,7 @@ from gateway.errors import (
 )
 from gateway.forward import ClientDisconnected, Forwarder, ForwardResult, ResponseAborted
 from gateway.headers import new_request_id, upstream_request_headers
+from gateway.observability import request_id_var
 from gateway.pages import Pages
 from gateway.peer import TrustedProxies, resolve_peer
 from gateway.routing import RouteTable, canonical_authority
@@ -143,6 +144,7 @@ class Pipeline:
             peer = self._peer(scope)
             https = peer.scheme == "https"
             outcome.request_id = new_request_id(headers, peer.via_trusted_proxy)
+            request_id_var.set(outcome.request_id)  # every log line of this request carries it
             t1 = perf_counter_ns()
             target = self._target(scope, peer)
             if target.path == RESERVED_PREFIX or target.path.startswith(RESERVED_PREFIX + "/"):
@@ -285,6 +287,7 @@ class Pipeline:
             peer = self._peer(scope)
             https = peer.scheme in {"https", "wss"}
             outcome.request_id = new_request_id(headers, peer.via_trusted_proxy)
+            request_id_var.set(outcome.request_id)  # every log line of this request carries it
             target = self._target(scope, peer)
             if target.path == RESERVED_PREFIX or target.path.startswith(RESERVED_PREFIX + "/"):
                 raise UnknownHost("the gateway's own endpoints take no WebSockets")
