@@ -12,6 +12,13 @@ from policies.yaml_source import Position, SourceError, SourceErrors, read_yaml
 
 LANGUAGES = ("ja", "en")  # Japanese first: it is the default
 DEFAULT_CATALOGUE = Path(__file__).with_name("messages.yaml")
+# A code without its own entry reads as its family's default rather than the generic error, so a
+# new `target-…` code still tells the reader the address was the problem (prefix → default id).
+FAMILY_DEFAULTS = (
+    ("target-", "target-invalid"),
+    ("host-", "target-invalid"),
+    ("upstream-", "upstream-unavailable"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,13 +31,16 @@ class Message:
 
 
 class Catalogue:
-    """Messages by id and language; an unknown id falls back to `gateway-error` (never a crash)."""
+    """Messages by id and language; an unknown id reads as its family's, else `gateway-error`."""
 
     def __init__(self, messages: dict[str, dict[str, Message]]) -> None:
         self._messages = messages
 
     def get(self, message_id: str, language: str) -> Message:
-        entry = self._messages.get(message_id) or self._messages["gateway-error"]
+        entry = self._messages.get(message_id)
+        if entry is None:
+            family = next((d for p, d in FAMILY_DEFAULTS if message_id.startswith(p)), "")
+            entry = self._messages.get(family) or self._messages["gateway-error"]
         return entry.get(language) or entry["ja"]
 
     def ids(self) -> frozenset[str]:
