@@ -146,7 +146,7 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
         internal_app=build_internal_app(pages=pages, readiness=readiness.check_all),
         stages=observability.stages,
         metrics=observability.metrics,
-        access_log=settings.logging.access_log,
+        access_log=observability.AccessLog() if settings.logging.access_log else None,
     )
     return GatewayApp(pipeline, forwarder, reloader)
 

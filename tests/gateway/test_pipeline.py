@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from gateway.app import GatewayApp, build_app
 from gateway.context import RequestContext
 from gateway.decide import Verdict
+from gateway.observability import AccessLog
 from gateway.settings import load_settings
 
 
@@ -144,3 +146,34 @@ async def test_unknown_host_is_404(app: GatewayApp) -> None:
     status, _, body = await call(app, "evil.example.test", b"/")
     assert status == 404
     assert json.loads(body)["error"] == "route-not-found"
+
+
+@pytest.mark.anyio
+async def test_access_log_line_per_request(app: GatewayApp) -> None:
+    """Each request writes one JSON line with its id, route, decision and reasons — no headers."""
+    stream = io.StringIO()
+    app.pipeline.access_log = AccessLog(stream)
+    status, headers, _ = await call(
+        app,
+        "closed.example.test",
+        b"/secret\r\nforged",
+        [(b"authorization", b"Bearer s3cr3t"), (b"cookie", b"sid=s3cr3t")],
+    )
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert status == 400  # the CR/LF target is refused, and still logged
+    assert record["request_id"] == headers[b"x-request-id"].decode()
+    assert record["status"] == 400
+    assert record["decision"] == "error"
+    assert "s3cr3t" not in lines[0]
+    stream.truncate(0)
+    stream.seek(0)
+    await call(app, "closed.example.test", b"/x")
+    record = json.loads(stream.getvalue())
+    assert (record["route"], record["decision"], record["reasons"]) == (
+        "closed",
+        "deny",
+        ["route-not-public"],
+    )
+    assert record["policy_hash"] == "none"
