@@ -40,12 +40,21 @@ class PolicyDecider:
     def __init__(self, holder: PolicyHolder, geoip: GeoIP | None = None) -> None:
         self.holder = holder
         self.geoip = geoip
+        self._public: tuple[PolicySet, Verdict] | None = None
+
+    def _public_verdict(self, policy_set: PolicySet) -> Verdict:
+        # The same for every request until a reload: made once per set, not per request.
+        cached = self._public
+        if cached is None or cached[0] is not policy_set:
+            cached = (policy_set, Verdict(True, "accept", "public", (), policy_set.content_hash))
+            self._public = cached
+        return cached[1]
 
     def decide(self, ctx: RequestContext) -> Verdict:
         route = ctx.route
         policy_set = self.holder.current  # read once: a reload mid-request cannot mix two sets
         if route.public:
-            return Verdict(True, "accept", "public", (), policy_set.content_hash)
+            return self._public_verdict(policy_set)
         if route.policy is None:
             # Default deny: a route that names no policy refuses everything.
             return Verdict(False, "-", None, ("route-not-public",), policy_set.content_hash)
