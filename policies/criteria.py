@@ -85,6 +85,10 @@ class Criterion:
     check: Check
     words: str  # plain English: "the user is in group staff"
     denied: Reason  # the reason to give when this criterion holding is what denies
+    keys: frozenset[str] | None = None
+    """For the engine's rule index: the only fact values under which `check` can hold — the
+    groups (`group`), upper-case methods (`method`) or first path segments (`path`, see
+    `path_segment`); None when the criterion cannot be indexed that way."""
 
 
 Compiler = Callable[[object, CompileContext, PathKey], Criterion | None]
@@ -115,15 +119,17 @@ def state_of(reasons: Reasons) -> Tri:
     """TRUE for no reasons; UNKNOWN when every reason is a missing fact; FALSE otherwise."""
     if not reasons:
         return TRUE
-    found = _STATES.get(reasons)
+    found = STATES.get(reasons)
     if found is None:
         found = UNKNOWN if all(r in UNKNOWN_FACT for r in reasons) else FALSE
-        if len(_STATES) < 4096:
-            _STATES[reasons] = found
+        if len(STATES) < 4096:
+            STATES[reasons] = found
     return found
 
 
-_STATES: dict[Reasons, Tri] = {}
+STATES: dict[Reasons, Tri] = {}
+"""`state_of`'s memory (criteria answer with a few constant tuples): a hot path may look a tuple
+up here directly and call `state_of` only when it is missing."""
 
 
 def suggest(word: str, choices: Iterable[str], prefix: str = "") -> str:
@@ -472,7 +478,8 @@ def _group(arg: object, ctx: CompileContext, path: PathKey) -> Criterion | None:
             return _UNAUTH
         return fail if groups.isdisjoint(subject.groups) else _OK
 
-    return Criterion("group", check, f"the user is in group {_words(arg)}", Reason.GROUP_DENIED)
+    words = f"the user is in group {_words(arg)}"
+    return Criterion("group", check, words, Reason.GROUP_DENIED, keys=groups)
 
 
 def _claim_values(value: object) -> tuple[str, ...] | None:
@@ -567,7 +574,8 @@ def _method(arg: object, ctx: CompileContext, path: PathKey) -> Criterion | None
     def check(f: Facts) -> Reasons:
         return _OK if f.request.resource.method.upper() in methods else fail
 
-    return Criterion("method", check, f"the method is {_words(arg)}", Reason.METHOD_NOT_ALLOWED)
+    words = f"the method is {_words(arg)}"
+    return Criterion("method", check, words, Reason.METHOD_NOT_ALLOWED, keys=methods)
 
 
 def glob_to_regex(glob: str) -> str:
@@ -583,6 +591,21 @@ def glob_to_regex(glob: str) -> str:
         out.append("[^/]*" if char == "*" else "[^/]" if char == "?" else re.escape(char))
         index += 1
     return "".join(out)
+
+
+def path_segment(path: str) -> str | None:
+    """The first segment of a path (`/a/b` → `a`, `/` → ``); None if it does not start with /.
+
+    Every path criterion's values start with `/`, so a path that holds one of them has the same
+    first segment as the value (for a prefix: as the prefix; for a glob: as its literal start).
+    """
+    return path.split("/", 2)[1] if path[:1] == "/" else None
+
+
+def _glob_segment(glob: str) -> str | None:
+    """The first segment every path matching `glob` has, or None if it holds a wildcard."""
+    segment = path_segment(glob)
+    return None if segment is None or "*" in segment or "?" in segment else segment
 
 
 def _prefix_test(bare: tuple[str, ...]) -> Callable[[str], bool]:
@@ -608,6 +631,8 @@ def _path(arg: object, ctx: CompileContext, path: PathKey) -> Criterion | None:
         return None
     tests: list[Callable[[str], bool]] = []
     words = []
+    segments: set[str | None] = set()  # None: some value can match paths under any segment
+    prefixes: tuple[str, ...] = ()
     for key, value in spec.items():
         texts = _texts(value, ctx, (*path, key))
         if texts is None:
@@ -620,31 +645,50 @@ def _path(arg: object, ctx: CompileContext, path: PathKey) -> Criterion | None:
         if key == "exact":
             exact = frozenset(values)
             tests.append(exact.__contains__)
+            segments.update(path_segment(v) for v in values)
             words.append(f"the path is {_words(value)}")
         elif key == "prefix":
-            bare = tuple(v.rstrip("/") for v in values)
+            bare = prefixes = tuple(v.rstrip("/") for v in values)
             if "" in bare:  # the prefix "/" covers every path
                 tests.append(lambda _p: True)
             tests.append(_prefix_test(bare))
+            segments.update(path_segment(v) if v else None for v in bare)
             words.append(f"the path is {_words(value)} or below it")
         else:
             pattern = re.compile("|".join(f"(?:{glob_to_regex(v)})" for v in values))
             tests.append(_pattern_test(pattern))
+            segments.update(_glob_segment(v) for v in values)
             words.append(f"the path matches {_words(value)}")
+    only_prefixes = prefixes if len(tests) == 1 and set(spec) == {"prefix"} else None
+    check = _path_check(tests, only_prefixes)
+    keys = None if None in segments else frozenset(s for s in segments if s is not None)
+    return Criterion("path", check, " or ".join(words), Reason.PATH_NOT_ALLOWED, keys=keys)
+
+
+def _path_check(tests: list[Callable[[str], bool]], prefixes: tuple[str, ...] | None) -> Check:
+    """The check of a path criterion; a lone `prefix:` (the usual case) without nested calls."""
     fail = _one(Reason.PATH_NOT_ALLOWED)
+    if prefixes is not None:
+        whole, under = frozenset(prefixes), tuple(v + "/" for v in prefixes)
+
+        def check_prefix(f: Facts) -> Reasons:
+            p = f.request.resource.path
+            return _OK if p in whole or p.startswith(under) else fail
+
+        return check_prefix
     only = tests[0]
     if len(tests) == 1:
 
-        def check(f: Facts) -> Reasons:
+        def check_one(f: Facts) -> Reasons:
             return _OK if only(f.request.resource.path) else fail
 
-    else:
+        return check_one
 
-        def check(f: Facts) -> Reasons:
-            p = f.request.resource.path
-            return _OK if any(t(p) for t in tests) else fail
+    def check_any(f: Facts) -> Reasons:
+        p = f.request.resource.path
+        return _OK if any(t(p) for t in tests) else fail
 
-    return Criterion("path", check, " or ".join(words), Reason.PATH_NOT_ALLOWED)
+    return check_any
 
 
 def _in_or_not_in(
@@ -1247,6 +1291,8 @@ def _travel_window(arg: object, ctx: CompileContext, path: PathKey) -> Criterion
         subject = f.request.subject
         if subject is None:
             return _UNAUTH
+        if not windows:  # no trip approved for anyone: nothing to look up
+            return none
         mine = windows.get(subject.subject.casefold(), ())
         if subject.email and subject.email_verified:
             mine += windows.get(subject.email.casefold(), ())
