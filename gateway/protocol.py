@@ -191,6 +191,12 @@ class TabijiHttpProtocol(HttpToolsProtocol):
         if self._head_bytes > self.limits.max_head_bytes:
             self._refusal = (431, "head-too-large")
             raise _HeadRefusedError
+        # RFC 9112 §6.1: a transfer coding we do not implement is 501. Only `chunked` is decoded;
+        # anything else (e.g. "gzip, chunked") would reach the upstream mislabelled once the
+        # hop-by-hop header is dropped.
+        if name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            self._refusal = (501, "transfer-coding-unsupported")
+            raise _HeadRefusedError
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:

@@ -285,6 +285,12 @@ _HINTS = {
     "list_type": "write a list (- item, or [a, b])",
     "model_type": "write a mapping (key: value)",
     "string_type": "write text",
+    "less_than_equal": "use a smaller value",
+    "less_than": "use a smaller value",
+    "greater_than_equal": "use a larger value",
+    "greater_than": "use a larger value",
+    "float_parsing": "write a number, or a duration such as 5s",
+    "url_parsing": "write a full URL such as https://gateway.town.example",
     "too_short": "add at least one",
     "literal_error": "choose one of the allowed values",
 }

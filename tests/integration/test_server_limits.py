@@ -152,7 +152,7 @@ def test_malformed_request_line_is_400(limited: Gateway) -> None:
     [
         "Content-Length: 5\r\nTransfer-Encoding: chunked",
         "Content-Length: 5\r\nContent-Length: 6",
-        "Transfer-Encoding: xchunked",
+        "Transfer-Encoding: chunked, chunked",
     ],
 )
 def test_ambiguous_body_framing_is_400(limited: Gateway, upstream: Upstream, framing: str) -> None:
@@ -164,4 +164,19 @@ def test_ambiguous_body_framing_is_400(limited: Gateway, upstream: Upstream, fra
     )
     response = raw_exchange(limited.port, head.encode(), method="POST")
     assert response.status == 400
+    assert upstream.received(marker) == []
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "xchunked", "identity"])
+def test_unimplemented_transfer_coding_is_501(
+    limited: Gateway, upstream: Upstream, coding: str
+) -> None:
+    """A transfer coding other than plain chunked is 501 (RFC 9112 §6.1), never sent on."""
+    marker = uuid.uuid4().hex
+    head = (
+        f"POST /public/{marker} HTTP/1.1\r\nHost: {limited.host}\r\nTransfer-Encoding: {coding}"
+        "\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    response = raw_exchange(limited.port, head.encode(), method="POST")
+    assert response.status == 501
     assert upstream.received(marker) == []
