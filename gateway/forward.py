@@ -21,6 +21,17 @@ from gateway.context import RequestContext
 from gateway.errors import GatewayError, RequestTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.headers import downstream_response_headers
 from gateway.routing import Route, Upstream
+from gateway.upstream import (
+    Connection,
+    UpstreamClosedError,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamTimeoutError,
+    UpstreamTLSError,
+    request_head,
+    send_chunked,
+    send_sized,
+)
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -111,8 +122,13 @@ class _BodyAbort(Exception):
 
 
 def _upstream_error(exc: BaseException, route: Route) -> GatewayError:
-    """Map an aiohttp/OS failure before the response started to 502 / 504."""
-    if isinstance(exc, TimeoutError):  # aiohttp's connect/read timeouts subclass it
+    """Map an upstream failure before the response started to 502 / 504."""
+    if isinstance(exc, UpstreamTLSError):
+        return UpstreamUnavailable(
+            f"TLS with the upstream of route {route.name!r} failed: {exc!r}",
+            code="upstream-tls-error",
+        )
+    if isinstance(exc, TimeoutError | UpstreamTimeoutError):  # aiohttp's timeouts subclass it
         return UpstreamTimeout(f"upstream of route {route.name!r} timed out: {exc!r}")
     if isinstance(exc, aiohttp.ClientSSLError):
         return UpstreamUnavailable(
@@ -186,6 +202,7 @@ class Forwarder:
         self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
         # Upstream -> "origin + base_path"; keyed by identity (routes live as long as the config).
         self._prefixes: dict[int, tuple[Upstream, str]] = {}
+        self._pools: dict[int, tuple[Upstream, UpstreamPool]] = {}
         self.websockets = WebSocketRegistry()
 
     async def start(self) -> None:
@@ -221,6 +238,8 @@ class Forwarder:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await self.websockets.wait_closed()
+        for _, pool in self._pools.values():
+            pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -256,6 +275,21 @@ class Forwarder:
             url += "?" + target.query
         return URL(url, encoded=True)
 
+    def _pool(self, upstream: Upstream) -> UpstreamPool:
+        # Keyed by identity: routes (and their Upstream values) live as long as the config.
+        entry = self._pools.get(id(upstream))
+        if entry is None or entry[0] is not upstream:
+            pool = UpstreamPool(upstream.host, upstream.port, upstream.ssl_context)
+            entry = (upstream, pool)
+            self._pools[id(upstream)] = entry
+        return entry[1]
+
+    def upstream_target(self, ctx: RequestContext) -> str:
+        """base_path + the normalised path (+ query): the request-target sent upstream."""
+        target = ctx.target
+        path = ctx.route.upstream.base_path + target.path
+        return path + "?" + target.query if target.query else path
+
     async def forward_http(
         self, ctx: RequestContext, headers: list[tuple[str, str]], receive: Receive, send: Send
     ) -> ForwardResult:
@@ -280,39 +314,81 @@ class Forwarder:
         state = _BodyState(len(body))
         if state.bytes_in > limit:
             raise RequestTooLarge(f"request body exceeds {limit} bytes")
-        data: bytes | AsyncIterator[bytes] | None
-        if more:
-            data = _stream_body(body, receive, limit, state)
-        else:
+        if more and declared is None:
+            # A streamed body of unknown length goes upstream chunked (RFC 9112 §7.1).
+            headers = [*headers, ("transfer-encoding", "chunked")]
+        elif not more:
             state.done = True
-            data = body or None
-
-        ssl_context = route.upstream.ssl_context
-        started = time.perf_counter()
+            if body and declared is None:
+                # A chunked request that arrived whole: its length is known now (RFC 9112 §6.2).
+                headers = [*headers, ("content-length", str(len(body)))]
         try:
-            response = await self.session.request(
-                ctx.method,
-                self.upstream_url(ctx),
-                headers=headers,
-                data=data,
-                allow_redirects=False,  # 3xx goes back to the client, never followed here
-                timeout=self._timeout(route),
-                # Never False: an https upstream is verified with its route's CA bundle or the
-                # system store (RFC 9110 §4.3.4).
-                ssl=ssl_context if ssl_context is not None else True,
-            )
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            _raise_body_abort(state, None)
-            raise _upstream_error(exc, route) from exc
-        upstream_seconds = time.perf_counter() - started
-        return await self._stream_response(
-            ctx, response, receive, send, state=state, upstream_seconds=upstream_seconds
+            head = request_head(ctx.method, self.upstream_target(ctx), headers)
+        except UpstreamError as exc:
+            raise UpstreamUnavailable(str(exc)) from exc
+        pool = self._pool(route.upstream)
+        started = time.perf_counter()
+        stream = _stream_body(body, receive, limit, state) if more else None
+        connection, sender = await self._open_exchange(
+            ctx, pool, head, body, stream, sized=declared is not None, state=state
         )
+        upstream_seconds = time.perf_counter() - started
+        try:
+            return await self._stream_response(
+                ctx, connection, receive, send, state=state, upstream_seconds=upstream_seconds
+            )
+        finally:
+            if sender is not None and not sender.done():
+                # The upstream answered before taking the whole body: this connection is spent.
+                connection.close()
+                await _settle(sender)
+            pool.release(connection)
+
+    async def _open_exchange(
+        self,
+        ctx: RequestContext,
+        pool: UpstreamPool,
+        head: bytes,
+        body: bytes,
+        stream: AsyncIterator[bytes] | None,
+        *,
+        sized: bool,
+        state: _BodyState,
+    ) -> tuple[Connection, asyncio.Task[None] | None]:
+        """Send the request and wait for the response head; the body may still be streaming."""
+        route = ctx.route
+        # A pooled connection the upstream closed meanwhile fails before any response byte:
+        # the request is sent once more on a fresh connection, but only if it had no body stream.
+        for attempt in (1, 2):
+            try:
+                connection = await pool.acquire(route.connect_timeout)
+            except UpstreamError as exc:
+                raise _upstream_error(exc, route) from exc
+            connection.start(head, expect_body=ctx.method != "HEAD")
+            sender: asyncio.Task[None] | None = None
+            try:
+                if stream is not None:
+                    framing = send_sized if sized else send_chunked
+                    sender = asyncio.create_task(framing(connection, stream))
+                    sender.add_done_callback(_close_on_failure(connection))
+                elif body:
+                    await connection.write(body)
+                await connection.read_head(route.read_timeout)
+            except UpstreamError as exc:
+                connection.close()
+                await _settle(sender)
+                stale = connection.reused and isinstance(exc, UpstreamClosedError)
+                if attempt == 1 and stale and stream is None:
+                    continue
+                _raise_body_abort(state, None)
+                raise _upstream_error(exc, route) from exc
+            return connection, sender
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _stream_response(
         self,
         ctx: RequestContext,
-        response: aiohttp.ClientResponse,
+        connection: Connection,
         receive: Receive,
         send: Send,
         *,
@@ -321,23 +397,24 @@ class Forwarder:
     ) -> ForwardResult:
         bytes_out = 0
         watcher: asyncio.Task[None] | None = None
-        content = response.content
+        read_timeout = ctx.route.read_timeout
+        status = connection.status
         try:
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status,
-                    "headers": downstream_response_headers(response.raw_headers, ctx.request_id),
+                    "status": status,
+                    "headers": downstream_response_headers(connection.headers, ctx.request_id),
                 }
             )
             while True:
-                chunk = await content.readany()
+                chunk = await connection.read_chunk(read_timeout)
                 if not chunk:
                     state.finishing = True
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     break
                 bytes_out += len(chunk)
-                if content.at_eof():
+                if connection.at_end:
                     state.finishing = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     break
@@ -345,14 +422,14 @@ class Forwarder:
                 if watcher is None and state.done:
                     # A streamed response: watch for the client leaving, so a gone client does
                     # not keep an upstream transfer running (ASGI send() is silent after it).
-                    watcher = asyncio.create_task(_watch_disconnect(receive, response, state))
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            response.close()
-            result = ForwardResult(response.status, state.bytes_in, bytes_out, upstream_seconds)
+                    watcher = asyncio.create_task(_watch_disconnect(receive, connection, state))
+        except UpstreamError as exc:
+            connection.close()
+            result = ForwardResult(status, state.bytes_in, bytes_out, upstream_seconds)
             _raise_body_abort(state, result)
             if state.too_large:
                 code = "body-too-large"
-            elif isinstance(exc, TimeoutError):
+            elif isinstance(exc, UpstreamTimeoutError):
                 code = "upstream-timeout"
             else:
                 code = "upstream-aborted"
@@ -362,16 +439,16 @@ class Forwarder:
                 code=code,
             ) from exc
         except BaseException:
-            response.close()
+            connection.close()
             raise
         finally:
             if watcher is not None:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
-        response.release()
-        result = ForwardResult(response.status, state.bytes_in, bytes_out, upstream_seconds)
+        result = ForwardResult(status, state.bytes_in, bytes_out, upstream_seconds)
         if state.client_gone:
+            connection.close()
             raise ClientDisconnected("client left during the response", result=result)
         return result
 
@@ -567,14 +644,32 @@ def _raise_body_abort(state: _BodyState, result: ForwardResult | None) -> None:
         raise ClientDisconnected("client left during the request body", result=result)
 
 
-async def _watch_disconnect(
-    receive: Receive, response: aiohttp.ClientResponse, state: _BodyState
-) -> None:
+async def _watch_disconnect(receive: Receive, connection: Connection, state: _BodyState) -> None:
     message = await receive()
     # uvicorn also answers http.disconnect once the response is complete: not a client leaving.
     if message["type"] == "http.disconnect" and not state.finishing:
         state.client_gone = True
-        response.close()
+        connection.close()
+
+
+def _close_on_failure(connection: Connection) -> Callable[[asyncio.Task[None]], None]:
+    """A done-callback: a request body that could not be sent spoils the exchange."""
+
+    def done(task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            connection.close()
+
+    return done
+
+
+async def _settle(task: asyncio.Task[None] | None) -> None:
+    """Wait for a body sender to end (cancelling it), keeping its error to itself."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
 
 
 def _content_length(headers: list[tuple[str, str]]) -> int | None:
