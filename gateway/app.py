@@ -107,6 +107,8 @@ class GatewayApp:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.pipeline.access_log is not None:
+                    self.pipeline.access_log.flush()
                 if self.reloader is not None:
                     await self.reloader.stop()
                 await self.forwarder.close()

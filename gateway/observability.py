@@ -95,16 +95,20 @@ class JsonFormatter(_BaseJsonFormatter):
 
 
 class AccessLog:
-    """One JSON line per request, written without the logging machinery.
+    """One JSON line per request, written without the logging machinery, a batch at a time.
 
-    The logging path (LogRecord, formatter, handler lock) costs ≈ 55 µs a line — half a proxied
-    request; this writes the same shape of line for ≈ 10 µs. Callers pass fixed, known fields only
-    (never header values), and json escapes control characters, so no line can be forged.
+    The logging path (LogRecord, formatter, handler lock) costs ≈ 55 µs a line, and a write per
+    line is a system call; this encodes a line for ≈ 8 µs and writes what gathered every
+    `flush_interval` seconds (and at shutdown). Callers pass fixed, known fields only (never
+    header values), and json escapes control characters, so no line can be forged.
     """
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, *, flush_interval: float = 0.1) -> None:
         self._stream = stream
         self._encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+        self._lines: list[str] = []
+        self._flush_interval = flush_interval
+        self._scheduled = False
 
     def write(self, fields: dict[str, Any]) -> None:
         line = {
@@ -114,8 +118,27 @@ class AccessLog:
             "message": "request",
             **fields,
         }
-        # sys.stderr is looked up per call so tests and uvicorn's redirections are honoured.
-        (self._stream or sys.stderr).write(self._encode(line) + "\n")
+        self._lines.append(self._encode(line) + "\n")
+        if len(self._lines) >= 512:
+            self.flush()
+        elif not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (tools, tests): write at once
+                self.flush()
+                return
+            self._scheduled = True
+            loop.call_later(self._flush_interval, self.flush)
+
+    def flush(self) -> None:
+        """Write every gathered line now."""
+        self._scheduled = False
+        lines, self._lines = self._lines, []
+        if lines:
+            # sys.stderr is looked up per call so tests and uvicorn's redirections are honoured.
+            stream = self._stream or sys.stderr
+            stream.write("".join(lines))
+            stream.flush()
 
 
 def logging_config(level: str = "info") -> dict[str, Any]:

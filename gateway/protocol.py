@@ -12,7 +12,7 @@ import contextlib
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from uvicorn.config import Config
@@ -94,6 +94,42 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class CoalescingTransport:
+    """Joins the writes of one event-loop turn into one socket write.
+
+    uvicorn writes a response's head and its body separately; on these machines each write is a
+    system call that costs as much as a page of Python. Everything written in the same turn (the
+    head, then the body a moment later) leaves in one `write`. Order is kept; `close` flushes
+    first; anything else is the real transport's.
+    """
+
+    __slots__ = ("_loop", "_pending", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pending is None:
+            self._pending = [bytes(data)]
+            self._loop.call_soon(self.flush)
+        else:
+            self._pending.append(bytes(data))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self.transport.is_closing():
+            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class _HeadRefusedError(Exception):
     """Raised inside a parser callback to stop httptools at once; `data_received` answers."""
 
@@ -127,6 +163,8 @@ class TabijiHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         set_nodelay(transport)
+        # uvicorn's FlowControl keeps the real transport; every write goes through the wrapper.
+        self.transport = cast(asyncio.Transport, CoalescingTransport(transport, self.loop))
         # A connection that never sends a byte is a slow head too (stock uvicorn keeps it forever).
         self._start_head_timer()
 
@@ -165,6 +203,14 @@ class TabijiHttpProtocol(HttpToolsProtocol):
                 self._refuse(431, "head-too-large")
 
     # Parser callbacks
+
+    def handle_websocket_upgrade(self) -> None:
+        # The WebSocket protocol takes over the real transport (and anything still pending).
+        wrapper: object = self.transport
+        if isinstance(wrapper, CoalescingTransport):
+            wrapper.flush()
+            self.transport = wrapper.transport
+        super().handle_websocket_upgrade()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -159,6 +159,7 @@ async def test_access_log_line_per_request(app: GatewayApp) -> None:
         b"/secret\r\nforged",
         [(b"authorization", b"Bearer s3cr3t"), (b"cookie", b"sid=s3cr3t")],
     )
+    app.pipeline.access_log.flush()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
@@ -170,6 +171,7 @@ async def test_access_log_line_per_request(app: GatewayApp) -> None:
     stream.truncate(0)
     stream.seek(0)
     await call(app, "closed.example.test", b"/x")
+    app.pipeline.access_log.flush()
     record = json.loads(stream.getvalue())
     assert (record["route"], record["decision"], record["reasons"]) == (
         "closed",
