@@ -240,10 +240,14 @@ class TabijiHttpProtocol(HttpToolsProtocol):
         # RFC 9112 §6.1: a transfer coding we do not implement is 501. Only `chunked` is decoded;
         # anything else (e.g. "gzip, chunked") would reach the upstream mislabelled once the
         # hop-by-hop header is dropped.
-        if name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
+        name = name.lower()
+        if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
             self._refusal = (501, "transfer-coding-unsupported")
             raise _HeadRefusedError
-        super().on_header(name, value)
+        # uvicorn's own on_header, inlined: this runs for every header of every request.
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False

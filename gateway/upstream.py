@@ -23,7 +23,6 @@ import httptools
 
 _HIGH_WATER = 256 * 1024  # response bytes buffered before the upstream socket is paused
 _LOW_WATER = 64 * 1024
-_FORBIDDEN_IN_HEADERS = frozenset(b"\r\n\x00")
 
 
 class UpstreamError(Exception):
@@ -306,19 +305,22 @@ class UpstreamPool:
 
 def request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
     """Serialise a request head; refuses CR, LF, NUL and stray spaces (no request smuggling)."""
-    line = f"{method} {target} HTTP/1.1\r\n".encode("latin-1")
-    if line.count(b" ") != 2 or _FORBIDDEN_IN_HEADERS.intersection(line[:-2]):
-        raise UpstreamProtocolError("refusing to send an ambiguous request line")
-    parts = [line]
+    parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
     for name, value in headers:
-        raw_name, raw_value = name.encode("latin-1"), value.encode()
-        if _FORBIDDEN_IN_HEADERS.intersection(raw_name) or _FORBIDDEN_IN_HEADERS.intersection(
-            raw_value
-        ):
-            raise UpstreamProtocolError(f"refusing to send a header with CR/LF/NUL: {name}")
-        parts.append(raw_name + b": " + raw_value + b"\r\n")
+        parts.append(name.encode("latin-1") + b": " + value.encode() + b"\r\n")
     parts.append(b"\r\n")
-    return b"".join(parts)
+    head = b"".join(parts)
+    # One C-speed check of the whole head instead of one per header: exactly the line breaks
+    # we wrote, no NUL, and the request line has exactly two spaces.
+    lines = len(headers) + 2
+    if (
+        head.count(b"\n") != lines
+        or head.count(b"\r") != lines
+        or b"\x00" in head
+        or parts[0].count(b" ") != 2
+    ):
+        raise UpstreamProtocolError("refusing to send a request head with CR/LF/NUL or spaces")
+    return head
 
 
 async def send_chunked(connection: Connection, body: AsyncIterator[bytes]) -> None:
