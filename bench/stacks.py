@@ -199,7 +199,54 @@ app = Starlette(routes=[Route("/{path:path}", proxy, methods=METHODS)], lifespan
 """
 )
 
+# The gateway's own client (gateway/upstream.py); the bench puts the checkout on PYTHONPATH.
+RAW_TABIJI_CLIENT = (
+    _PRELUDE
+    + """
+from urllib.parse import urlsplit
+
+from gateway.upstream import UpstreamPool, request_head
+
+_up = urlsplit(UPSTREAM)
+pool = UpstreamPool(_up.hostname, _up.port, None)
+HOST = _up.netloc
+
+
+async def startup():
+    pass
+
+
+async def shutdown():
+    pool.close()
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        return await lifespan(receive, send, startup, shutdown)
+    body = await read_body(receive)
+    path = scope["raw_path"].decode("latin-1") or "/"
+    query = scope["query_string"].decode("latin-1")
+    headers = [("host", HOST), *request_headers(scope)]
+    if body:
+        headers.append(("content-length", str(len(body))))
+    connection = await pool.acquire(5.0)
+    connection.start(request_head(scope["method"], path + ("?" + query if query else ""), headers),
+                     expect_body=scope["method"] != "HEAD")
+    if body:
+        await connection.write(body)
+    await connection.read_head(30.0)
+    headers = [(k.lower(), v) for k, v in connection.headers
+               if k.lower() not in HOP or k.lower() == b"content-length"]
+    await send({"type": "http.response.start", "status": connection.status, "headers": headers})
+    while chunk := await connection.read_chunk(30.0):
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+    pool.release(connection)
+"""
+)
+
 APPS = {
+    "raw_tabiji": RAW_TABIJI_CLIENT,
     "raw_aiohttp": RAW_AIOHTTP,
     "raw_httpx": RAW_HTTPX,
     "starlette_aiohttp": STARLETTE_AIOHTTP,
@@ -220,10 +267,12 @@ class Stack:
 STACKS = (
     Stack("nginx-1w", "nginx proxy_pass, keep-alive upstream", None, "-", 1),
     Stack("nginx-2w", "nginx proxy_pass, keep-alive upstream", None, "-", 2),
+    Stack("raw-tabiji-1w", "raw ASGI + gateway/upstream.py client", "raw_tabiji"),
     Stack("raw-aiohttp-1w", "raw ASGI + aiohttp client", "raw_aiohttp"),
     Stack("raw-httpx-1w", "raw ASGI + httpx", "raw_httpx"),
     Stack("starlette-aiohttp-1w", "Starlette route + aiohttp client", "starlette_aiohttp"),
     Stack("raw-aiohttp-2w", "raw ASGI + aiohttp client", "raw_aiohttp", "uvloop", 2),
+    Stack("raw-tabiji-2w", "raw ASGI + gateway/upstream.py client", "raw_tabiji", "uvloop", 2),
     # The TCP_NODELAY trap (uvicorn issue #3149): --workers N on the plain asyncio loop.
     Stack("raw-aiohttp-asyncio-1w", "raw ASGI + aiohttp client", "raw_aiohttp", "asyncio", 1),
     Stack("raw-aiohttp-asyncio-2w", "raw ASGI + aiohttp client", "raw_aiohttp", "asyncio", 2),
@@ -261,7 +310,16 @@ def _start(stack: Stack, work: Path, upstream_port: int) -> tuple[Server, int]:
         conf = render_proxy_conf(work / stack.name, port, upstream_port, workers=stack.workers)
         server = start_nginx(stack.name, work / stack.name, conf)
     else:
-        env = {**os.environ, "BENCH_UPSTREAM": f"http://127.0.0.1:{upstream_port}"}
+        env = {
+            **os.environ,
+            "BENCH_UPSTREAM": f"http://127.0.0.1:{upstream_port}",
+            # The checkout first, for the stack that uses the gateway's own client.
+            "PYTHONPATH": os.pathsep.join(
+                p
+                for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))
+                if p
+            ),
+        }
         cmd = _uvicorn_cmd(stack, work / "apps", port)
         server = start_server(stack.name, cmd, work / f"{stack.name}.log", env=env)
     wait_http(f"http://127.0.0.1:{port}/", server, size=KIB, timeout=30)
