@@ -1,8 +1,9 @@
-"""The upstream client: streams HTTP requests and responses and relays WebSockets, over one
-aiohttp session per worker; maps upstream failures to UpstreamUnavailable / UpstreamTimeout.
+"""Forwarding: streams HTTP requests and responses (gateway.upstream's keep-alive pools) and
+relays WebSockets (one aiohttp session per worker); maps upstream failures to 502 / 504.
 
-The only module that imports aiohttp (DESIGN.md §3). Must not import gateway.settings,
-gateway.app or gateway.cli.
+The only user of the upstream clients (DESIGN.md §3): gateway.upstream for HTTP — chosen by
+measurement, see bench/stacks.py — and aiohttp, imported nowhere else, for WebSockets.
+Must not import gateway.settings, gateway.app or gateway.cli.
 """
 
 from __future__ import annotations
@@ -182,7 +183,10 @@ class WebSocketRegistry:
 
 
 class Forwarder:
-    """One aiohttp ClientSession per worker: keep-alive pool, no cookies, no redirects, TLS on."""
+    """Per worker: an HTTP keep-alive pool per upstream, and one aiohttp session for WebSockets.
+
+    Neither stores cookies or follows redirects; TLS is always verified.
+    """
 
     def __init__(
         self,

@@ -169,7 +169,8 @@ def downstream_response_headers(
             continue
         out.append((name, value))
     if connection is not None:
-        named = _connection_tokens(connection)
+        # Usually just "keep-alive", already dropped above: filter only for other names.
+        named = _connection_tokens(connection) - _RESPONSE_DROPPED
         if named:
             out = [(name, value) for name, value in out if name not in named]
     out.append((b"x-request-id", request_id.encode("ascii")))
