@@ -31,7 +31,7 @@ from policies.geoip import GeoIP
 from policies.loader import load_policy_dir
 
 log = logging.getLogger("tabiji.app")
-GC_THRESHOLDS = (20_000, 20, 20)  # measured in bench/proxy.py; CPython's default is (2000, 10, 10)
+GC_THRESHOLDS = (20_000, 20, 20)  # measured in bench/proxy.py; CPython's default is (700, 10, 10)
 
 
 def upstream_ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
