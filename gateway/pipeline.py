@@ -75,6 +75,17 @@ class _Outcome:
     result: ForwardResult | None = None
 
 
+def _record_refusal(outcome: _Outcome, error: GatewayError) -> tuple[str, ...]:
+    """Note a refusal in the outcome; returns its reason codes (policy reasons for a deny)."""
+    reasons = error.reasons if isinstance(error, AccessDenied) else ()
+    outcome.reasons = reasons
+    outcome.status, outcome.code = error.status, error.code
+    outcome.decision = "deny" if isinstance(error, AccessDenied) else "error"
+    if outcome.request_id == "-":
+        outcome.request_id = new_request_id([], False)
+    return reasons
+
+
 class Pipeline:
     """Handles every HTTP and WebSocket request that is not the gateway's own endpoint."""
 
@@ -227,12 +238,7 @@ class Pipeline:
         https: bool,
         head_only: bool,
     ) -> None:
-        reasons = error.reasons if isinstance(error, AccessDenied) else ()
-        outcome.reasons = reasons
-        outcome.status, outcome.code = error.status, error.code
-        outcome.decision = "deny" if isinstance(error, AccessDenied) else "error"
-        if outcome.request_id == "-":
-            outcome.request_id = new_request_id([], False)
+        reasons = _record_refusal(outcome, error)
         try:
             await self.pages.send_error(
                 send,
@@ -326,12 +332,7 @@ class Pipeline:
         https: bool,
     ) -> None:
         headers = scope["headers"]
-        reasons = error.reasons if isinstance(error, AccessDenied) else ()
-        outcome.reasons = reasons
-        outcome.status, outcome.code = error.status, error.code
-        outcome.decision = "deny" if isinstance(error, AccessDenied) else "error"
-        if outcome.request_id == "-":
-            outcome.request_id = new_request_id([], False)
+        reasons = _record_refusal(outcome, error)
         try:
             message = await receive()
             if message["type"] != "websocket.connect":

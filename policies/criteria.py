@@ -868,7 +868,8 @@ def _weekdays(arg: object, ctx: CompileContext, path: PathKey) -> frozenset[int]
     return frozenset(days)
 
 
-def _as_date(value: object) -> date | None:
+def as_date(value: object) -> date | None:
+    """A YAML date (or ISO text) as a date; a datetime or anything else is None."""
     if isinstance(value, datetime):
         return None
     if isinstance(value, date):
@@ -894,7 +895,7 @@ def _dates(arg: object, ctx: CompileContext, path: PathKey) -> tuple[tuple[date,
             if key not in spec:
                 ctx.error(where, f"'dates' needs '{key}:'", "write {from: 2025-04-01, until: …}")
                 return None
-            found = _as_date(spec[key])
+            found = as_date(spec[key])
             if found is None:
                 ctx.error((*where, key), f"{_type_name(spec[key])} is not a date", "YYYY-MM-DD")
                 return None

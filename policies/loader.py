@@ -14,7 +14,15 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Final
 
-from policies.criteria import DEFAULT_ZONE, CompileContext, ListValue, PathKey, Report, suggest
+from policies.criteria import (
+    DEFAULT_ZONE,
+    CompileContext,
+    ListValue,
+    PathKey,
+    Report,
+    as_date,
+    suggest,
+)
 from policies.engine import CompiledPolicy, PolicySet, compile_policy
 from policies.model import TravelWindow
 from policies.yaml_source import Position, SourceError, SourceErrors, YamlDocument, read_yaml
@@ -238,19 +246,6 @@ def _read_lists(
         lists[name] = tuple(items)
 
 
-def _as_date(value: object) -> date | None:
-    if isinstance(value, datetime):
-        return None
-    if isinstance(value, date):
-        return value
-    if isinstance(value, str):
-        try:
-            return date.fromisoformat(value)
-        except ValueError:
-            return None
-    return None
-
-
 def _read_holidays(
     doc: YamlDocument, data: object, out: set[date], errors: list[SourceError]
 ) -> None:
@@ -276,7 +271,7 @@ def _read_holidays(
             path, written = (*path, "date"), value.get("date")
         else:
             written = value
-        found = _as_date(written)
+        found = as_date(written)
         if found is None:
             errors.append(_at(doc, path, f"'{written}' is not a date", hint))
         else:
@@ -309,7 +304,7 @@ def _read_travel(
         if bad:
             continue
         user, countries, note = item["user"], item["countries"], item.get("note", "")
-        start, end = _as_date(item["from"]), _as_date(item["until"])
+        start, end = as_date(item["from"]), as_date(item["until"])
         if not isinstance(user, str) or not user:
             errors.append(_at(doc, (*path, "user"), "'user' is an email address or user id"))
             continue
