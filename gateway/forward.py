@@ -380,12 +380,19 @@ class Forwarder:
                 await connection.read_head(route.read_timeout)
             except UpstreamError as exc:
                 connection.close()
+                pool.release(connection)
                 await _settle(sender)
                 stale = connection.reused and isinstance(exc, UpstreamClosedError)
                 if attempt == 1 and stale and stream is None:
                     continue
                 _raise_body_abort(state, None)
                 raise _upstream_error(exc, route) from exc
+            except BaseException:  # cancelled (shutdown) or our bug: give the slot back
+                connection.close()
+                pool.release(connection)
+                if sender is not None:
+                    sender.cancel()
+                raise
             return connection, sender
         raise AssertionError("unreachable: the second attempt returns or raises")
 

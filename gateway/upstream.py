@@ -23,6 +23,8 @@ import httptools
 
 _HIGH_WATER = 256 * 1024  # response bytes buffered before the upstream socket is paused
 _LOW_WATER = 64 * 1024
+_MAX_HEAD_BYTES = 64 * 1024  # an upstream's response head larger than this is refused
+_MAX_HEADERS = 200
 
 
 class UpstreamError(Exception):
@@ -69,6 +71,7 @@ class Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
         self.keep_alive = False
         self._head_done = False
         self._complete = False
@@ -99,7 +102,11 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamProtocolError("the upstream switched protocols unasked"))
         except httptools.HttpParserError as error:
-            self._fail(UpstreamProtocolError(f"invalid response from the upstream: {error}"))
+            cause = error.__context__
+            if isinstance(cause, UpstreamError):  # raised by one of our callbacks
+                self._fail(cause)
+            else:
+                self._fail(UpstreamProtocolError(f"invalid response from the upstream: {error}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -122,6 +129,10 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # A broken or hostile upstream must not make the gateway hold an unbounded head.
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > _MAX_HEAD_BYTES or len(self.headers) >= _MAX_HEADERS:
+            raise UpstreamProtocolError("the upstream's response head is too large")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -130,6 +141,7 @@ class Connection(asyncio.Protocol):
             # Interim responses (100 Continue, 103 Early Hints) are not forwarded; the final
             # response follows on the same connection (RFC 9110 §15.2).
             self.headers = []
+            self._head_bytes = 0
             return
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
@@ -247,16 +259,43 @@ class UpstreamPool:
         *,
         max_idle: int = 256,
         idle_timeout: float = 30.0,
+        max_connections: int = 1024,
     ) -> None:
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
         self.max_idle = max_idle
+        self.max_connections = max_connections  # in use at once; more wait for a free one
+        self._busy = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
         self.idle_timeout = idle_timeout
         self._idle: deque[Connection] = deque()
 
     async def acquire(self, connect_timeout: float) -> Connection:
-        """A live idle connection (most recently used first), or a new one."""
+        """A live idle connection (most recently used first), or a new one; pair with release."""
+        if self._busy >= self.max_connections:
+            await self._wait_for_slot(connect_timeout)
+        connection = await self._take(connect_timeout)
+        self._busy += 1
+        return connection
+
+    async def _wait_for_slot(self, connect_timeout: float) -> None:
+        slot = asyncio.get_running_loop().create_future()
+        self._waiting.append(slot)
+        try:
+            async with asyncio.timeout(connect_timeout):
+                await slot
+        except TimeoutError:
+            raise UpstreamTimeoutError(
+                f"all {self.max_connections} connections to {self.host}:{self.port} are busy"
+            ) from None
+        finally:
+            if not slot.done():
+                slot.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(slot)
+
+    async def _take(self, connect_timeout: float) -> Connection:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()
@@ -291,7 +330,13 @@ class UpstreamPool:
         return connection
 
     def release(self, connection: Connection) -> None:
-        """Keep a connection whose exchange finished cleanly; close any other."""
+        """Give back an acquired connection: kept if its exchange finished cleanly, else closed."""
+        self._busy -= 1
+        while self._waiting:
+            slot = self._waiting.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                break
         if connection.finished and len(self._idle) < self.max_idle:
             connection.last_used = time.monotonic()
             self._idle.append(connection)

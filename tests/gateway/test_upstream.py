@@ -34,6 +34,8 @@ class Scripted:
             self.connections += 1
             try:
                 await self.handler(reader, writer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass  # the client closed first: normal for these scripts
             finally:
                 writer.close()
 
@@ -243,3 +245,44 @@ def test_request_head_refuses_injection(
     """CR, LF, NUL or a stray space can never reach the upstream's parser (no smuggling)."""
     with pytest.raises(UpstreamProtocolError):
         request_head(method, target, headers)
+
+
+@pytest.mark.anyio
+async def test_oversized_response_head_is_refused() -> None:
+    """An upstream cannot make the gateway hold an unbounded response head."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"x-big: " + b"a" * 70_000 + b"\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with Scripted(handler) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, None)
+        with pytest.raises(UpstreamProtocolError, match="too large"):
+            await fetch(pool)
+        pool.close()
+
+
+@pytest.mark.anyio
+async def test_busy_pool_waits_then_times_out() -> None:
+    """Past max_connections a request waits for a free connection, bounded by connect_timeout."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(ok(b"x"))
+        await writer.drain()
+
+    async with Scripted(handler) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, None, max_connections=1)
+        first = await pool.acquire(1.0)
+        with pytest.raises(UpstreamTimeoutError, match="busy"):
+            await pool.acquire(0.2)
+        waiter = asyncio.ensure_future(pool.acquire(2.0))
+        await asyncio.sleep(0.05)
+        first.close()
+        pool.release(first)
+        second = await waiter
+        second.close()
+        pool.release(second)
+        pool.close()
