@@ -217,7 +217,7 @@ async def startup():
 
 
 async def shutdown():
-    pool.close()
+    await pool.close()
 
 
 async def app(scope, receive, send):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, MutableMapping
 from dataclasses import dataclass, field
@@ -243,7 +244,7 @@ class Forwarder:
                 async with asyncio.timeout(grace):
                     await self.websockets.wait_closed()
         for _, pool in self._pools.values():
-            pool.close()
+            await pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -283,7 +284,11 @@ class Forwarder:
         # Keyed by identity: routes (and their Upstream values) live as long as the config.
         entry = self._pools.get(id(upstream))
         if entry is None or entry[0] is not upstream:
-            pool = UpstreamPool(upstream.host, upstream.port, upstream.ssl_context)
+            context = upstream.ssl_context
+            if upstream.scheme == "https" and context is None:
+                # Never plain TCP to an https upstream: verify against the system store.
+                context = ssl.create_default_context()
+            pool = UpstreamPool(upstream.host, upstream.port, context)
             entry = (upstream, pool)
             self._pools[id(upstream)] = entry
         return entry[1]

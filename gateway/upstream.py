@@ -65,7 +65,9 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.last_used = time.monotonic()
         self.closed = False
+        self.lost: asyncio.Future[None] = loop.create_future()  # done once the socket is gone
         self.reused = False
+        self.active = False  # an exchange is under way; bytes outside one spoil the connection
         self._reset()
 
     def _reset(self) -> None:
@@ -75,6 +77,7 @@ class Connection(asyncio.Protocol):
         self.keep_alive = False
         self._head_done = False
         self._complete = False
+        self._extra = False  # bytes of a further message after this exchange's response
         self._until_close = False  # no Content-Length, not chunked: the body ends at EOF
         self._no_body = False  # a HEAD response: the parser must not wait for a body
         self._chunks: deque[bytes] = deque()
@@ -95,6 +98,10 @@ class Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if not self.active:
+            # Bytes on an idle connection (a late 408, garbage): it cannot carry a clean exchange.
+            self.close()
+            return
         if self._no_body and self._head_done:
             return  # after a HEAD response nothing more is expected; the connection is not reused
         try:
@@ -110,6 +117,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.lost.done():
+            self.lost.set_result(None)
         if self._head_done and self._until_close and not self._complete:
             self._complete = True  # RFC 9112 §6.3 item 8: the close ends the body
             self._wake()
@@ -128,7 +137,16 @@ class Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # A second response in the same exchange (the upstream answered twice, or a late 408
+            # arrived with the first): the exchange keeps its first answer; the connection is spent.
+            self._extra = True
+            self.keep_alive = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._extra:
+            return
         # A broken or hostile upstream must not make the gateway hold an unbounded head.
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > _MAX_HEAD_BYTES or len(self.headers) >= _MAX_HEADERS:
@@ -136,6 +154,8 @@ class Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._extra:
+            return
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             # Interim responses (100 Continue, 103 Early Hints) are not forwarded; the final
@@ -154,6 +174,8 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._extra:
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._reading_paused and self.transport:
@@ -162,7 +184,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self._head_done:
+        if self._head_done and not self._extra:
             self._complete = True
             self._wake()
 
@@ -196,6 +218,7 @@ class Connection(asyncio.Protocol):
     def start(self, head: bytes, *, expect_body: bool) -> None:
         """Send a request head (and begin a new exchange on this connection)."""
         self._reset()
+        self.active = True
         self._no_body = not expect_body
         assert self.transport is not None
         self.transport.write(head)
@@ -337,15 +360,25 @@ class UpstreamPool:
             if not slot.done():
                 slot.set_result(None)
                 break
+        connection.active = False
         if connection.finished and len(self._idle) < self.max_idle:
             connection.last_used = time.monotonic()
             self._idle.append(connection)
         else:
             connection.close()
 
-    def close(self) -> None:
+    async def close(self, grace: float = 1.0) -> None:
+        """Close the idle connections and wait (briefly) until their sockets are gone.
+
+        A TLS connection closes in steps (close_notify); leaving before they end leaks sockets.
+        """
+        closing = []
         while self._idle:
-            self._idle.pop().close()
+            connection = self._idle.pop()
+            connection.close()
+            closing.append(connection.lost)
+        if closing:
+            await asyncio.wait(closing, timeout=grace)
 
 
 def request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:

@@ -64,12 +64,17 @@ def ok(body: bytes, *extra: bytes) -> bytes:
 
 async def fetch(pool: UpstreamPool, method: str = "GET", silence: float = 2.0) -> tuple[int, bytes]:
     connection = await pool.acquire(2.0)
-    connection.start(request_head(method, "/x", [("host", "up")]), expect_body=method != "HEAD")
-    await connection.read_head(silence)
-    body = b""
-    while chunk := await connection.read_chunk(silence):
-        body += chunk
-    pool.release(connection)
+    try:
+        connection.start(request_head(method, "/x", [("host", "up")]), expect_body=method != "HEAD")
+        await connection.read_head(silence)
+        body = b""
+        while chunk := await connection.read_chunk(silence):
+            body += chunk
+    except BaseException:
+        connection.close()  # as the forwarder does: a failed exchange never leaks its socket
+        raise
+    finally:
+        pool.release(connection)
     return connection.status, body
 
 
@@ -87,7 +92,7 @@ async def test_keep_alive_connection_is_reused() -> None:
         pool = UpstreamPool("127.0.0.1", up.port, None)
         assert await fetch(pool) == (200, b"hello")
         assert await fetch(pool) == (200, b"hello")
-        pool.close()
+        await pool.close()
         assert up.connections == 1
 
 
@@ -108,7 +113,7 @@ async def test_head_response_is_not_reused() -> None:
         pool = UpstreamPool("127.0.0.1", up.port, None)
         assert await fetch(pool, "HEAD") == (200, b"")
         assert await fetch(pool, "HEAD") == (200, b"")
-        pool.close()
+        await pool.close()
         assert up.connections == 2
 
 
@@ -124,7 +129,7 @@ async def test_interim_responses_are_skipped() -> None:
     async with Scripted(handler) as up:
         pool = UpstreamPool("127.0.0.1", up.port, None)
         assert await fetch(pool) == (200, b"final")
-        pool.close()
+        await pool.close()
 
 
 @pytest.mark.anyio
@@ -139,7 +144,7 @@ async def test_body_until_close() -> None:
     async with Scripted(handler) as up:
         pool = UpstreamPool("127.0.0.1", up.port, None)
         assert await fetch(pool) == (200, b"streamed to the end")
-        pool.close()
+        await pool.close()
 
 
 @pytest.mark.anyio
@@ -155,7 +160,7 @@ async def test_truncated_body_is_an_error() -> None:
         pool = UpstreamPool("127.0.0.1", up.port, None)
         with pytest.raises(UpstreamClosedError):
             await fetch(pool)
-        pool.close()
+        await pool.close()
 
 
 @pytest.mark.anyio
@@ -172,7 +177,7 @@ async def test_invalid_response_is_a_protocol_error() -> None:
         pool = UpstreamPool("127.0.0.1", up.port, None)
         with pytest.raises(UpstreamProtocolError):
             await fetch(pool)
-        pool.close()
+        await pool.close()
 
 
 @pytest.mark.anyio
@@ -187,7 +192,7 @@ async def test_silence_is_a_timeout() -> None:
         pool = UpstreamPool("127.0.0.1", up.port, None)
         with pytest.raises(UpstreamTimeoutError):
             await fetch(pool, silence=0.2)
-        pool.close()
+        await pool.close()
 
 
 @pytest.mark.anyio
@@ -226,7 +231,7 @@ async def test_chunked_request_body_framing() -> None:
         await connection.read_head(2.0)
         assert (await received).endswith(b"\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n")
         connection.close()
-        pool.close()
+        await pool.close()
 
 
 @pytest.mark.parametrize(
@@ -261,7 +266,7 @@ async def test_oversized_response_head_is_refused() -> None:
         pool = UpstreamPool("127.0.0.1", up.port, None)
         with pytest.raises(UpstreamProtocolError, match="too large"):
             await fetch(pool)
-        pool.close()
+        await pool.close()
 
 
 @pytest.mark.anyio
@@ -285,4 +290,52 @@ async def test_busy_pool_waits_then_times_out() -> None:
         second = await waiter
         second.close()
         pool.release(second)
-        pool.close()
+        await pool.close()
+
+
+@pytest.mark.anyio
+async def test_bytes_on_an_idle_connection_spoil_it() -> None:
+    """An idle pooled connection that receives anything is closed, never reused."""
+
+    late = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(ok(b"fine"))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(late)  # on the now idle connection
+            await writer.drain()
+
+    async with Scripted(handler) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, None)
+        try:
+            assert await fetch(pool) == (200, b"fine")
+            await asyncio.sleep(0.2)
+            assert await fetch(pool) == (200, b"fine")  # not the stale 408
+        finally:
+            await pool.close()
+        assert up.connections == 2
+
+
+@pytest.mark.anyio
+async def test_a_second_response_in_one_packet_is_not_taken() -> None:
+    """An answer followed at once by another keeps the first; the connection is not reused."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(
+                ok(b"first") + b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n"
+            )
+            await writer.drain()
+
+    async with Scripted(handler) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, None)
+        try:
+            assert await fetch(pool) == (200, b"first")
+            assert await fetch(pool) == (200, b"first")
+        finally:
+            await pool.close()
+        assert up.connections == 2
