@@ -204,7 +204,6 @@ class Forwarder:
         self._ws_max_message = ws_max_message
         self._max_field = max_response_field_size
         self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
         # Upstream -> "origin + base_path"; keyed by identity (routes live as long as the config).
         self._prefixes: dict[int, tuple[Upstream, str]] = {}
         self._pools: dict[int, tuple[Upstream, UpstreamPool]] = {}
@@ -254,18 +253,6 @@ class Forwarder:
         if self._session is None:
             raise RuntimeError("Forwarder.start() was not awaited")
         return self._session
-
-    def _timeout(self, route: Route) -> aiohttp.ClientTimeout:
-        key = (route.connect_timeout, route.read_timeout)
-        timeout = self._timeouts.get(key)
-        if timeout is None:
-            # `connect` covers waiting for a pooled connection, TCP and TLS; `sock_read` is the
-            # longest silence between two reads (headers or body chunks), not a total.
-            timeout = aiohttp.ClientTimeout(
-                total=None, connect=route.connect_timeout, sock_read=route.read_timeout
-            )
-            self._timeouts[key] = timeout
-        return timeout
 
     def upstream_url(self, ctx: RequestContext) -> URL:
         """Upstream origin + base_path + the normalised path (+ query), never re-encoded."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,7 +52,6 @@ class PolicyReloader:
         self._count = count
         self._loader = loader
         self.last_error: str | None = None
-        self.last_change = time.time()
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -76,7 +74,6 @@ class PolicyReloader:
             self._count("unchanged")
             return True
         self.holder.current = candidate
-        self.last_change = time.time()
         self._count("applied")
         log.info(
             "policy set reloaded",

@@ -84,9 +84,6 @@ class RouteTable:
         }
         self.routes = tuple(routes)
 
-    def hosts(self) -> frozenset[str]:
-        return frozenset(self._by_host)
-
     def match(self, authority: str, path: str) -> Route | None:
         """The route for a canonical authority and a normalised path, or None."""
         candidates = self._by_host.get(authority)
