@@ -55,22 +55,81 @@ class Pages:
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
+        self._environment = environment
         self._error = environment.get_template("error.html")
         self._css = (TEMPLATES / "page.css").read_text(encoding="utf-8")
-        digest = base64.b64encode(hashlib.sha256(self._css.encode()).digest()).decode()
-        # A strict CSP: nothing but our one inline stylesheet, pinned by its hash; never framed.
+        self._page_css: dict[str, tuple[str, Headers]] = {}
+        self._base_headers = self._headers_for_css(self._css)
+
+    @staticmethod
+    def _headers_for_css(css: str) -> Headers:
+        digest = base64.b64encode(hashlib.sha256(css.encode()).digest()).decode()
+        # A strict CSP: nothing but our one inline stylesheet, pinned by its hash; no scripts;
+        # never framed; forms post only back to the gateway.
         csp = (
             "default-src 'none'; "
             f"style-src 'sha256-{digest}'; "
             "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
         )
-        self._base_headers: Headers = [
+        return [
             (b"content-security-policy", csp.encode()),
             (b"x-content-type-options", b"nosniff"),
             (b"x-frame-options", b"DENY"),
             (b"referrer-policy", b"no-referrer"),
             (b"cache-control", b"no-store"),
         ]
+
+    def language(self, request_headers: Iterable[tuple[bytes, bytes]]) -> str:
+        """The reader's language from Accept-Language (Japanese by default)."""
+        return preferred_language(header_value(request_headers, b"accept-language"))
+
+    def text(self, message_id: str, language: str) -> Message:
+        """One catalogue entry in one language."""
+        return self.catalogue.get(message_id, language)
+
+    def render_page(
+        self,
+        template: str,
+        *,
+        language: str,
+        https: bool,
+        extra_css: str | None = None,
+        **context: Any,
+    ) -> tuple[Headers, bytes]:
+        """Headers and body of one of the gateway's own HTML pages (login chooser, audit view…).
+
+        The template gets `lang`, `other_lang`, `css` (page.css plus `extra_css`, a file in
+        templates/), `t(id)` → Message in the reader's language and `t_other(id)`, plus `context`.
+        The CSP pins exactly that stylesheet by its hash; no script runs on the gateway's pages.
+        """
+        css, base = self._css, self._base_headers
+        if extra_css is not None:
+            cached = self._page_css.get(extra_css)
+            if cached is None:
+                combined = self._css + (TEMPLATES / extra_css).read_text(encoding="utf-8")
+                cached = (combined, self._headers_for_css(combined))
+                self._page_css[extra_css] = cached
+            css, base = cached
+        other = "en" if language == "ja" else "ja"
+        body = (
+            self._environment.get_template(template)
+            .render(
+                lang=language,
+                other_lang=other,
+                css=css,
+                brand=self.catalogue.get("ui.brand", language).title,
+                t=lambda message_id: self.catalogue.get(message_id, language),
+                t_other=lambda message_id: self.catalogue.get(message_id, other),
+                **context,
+            )
+            .encode()
+        )
+        headers = [*base, (b"date", formatdate(usegmt=True).encode())]
+        if https:
+            headers.append((b"strict-transport-security", b"max-age=31536000"))
+        headers.append((b"content-type", b"text/html; charset=utf-8"))
+        headers.append((b"content-language", language.encode()))
+        return headers, body
 
     def security_headers(self, https: bool) -> Headers:
         """Headers for the gateway's own pages; HSTS only over HTTPS (RFC 6797 §7.2).

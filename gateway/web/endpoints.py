@@ -5,21 +5,27 @@ Must not import gateway.settings; what the endpoints need is passed in by gatewa
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from gateway.pages import Pages
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, Any]]]  # {"ready": bool, "checks": {...}}
 
 
-def build_internal_app(*, pages: Pages, readiness: ReadinessCheck) -> Starlette:
-    """The Starlette app for /.tabiji/…; every response carries the gateway's security headers."""
+def build_internal_app(
+    *, pages: Pages, readiness: ReadinessCheck, extra_routes: Sequence[BaseRoute] = ()
+) -> Starlette:
+    """The Starlette app for /.tabiji/…; every response carries the gateway's security headers.
+
+    `extra_routes` are the other components' endpoints (login, logout, JWKS, the audit view),
+    each under /.tabiji/ and each responsible for its own security headers (Pages.render_page).
+    """
 
     def secured(response: Response, request: Request) -> Response:
         for name, value in pages.security_headers(request.url.scheme == "https"):
@@ -59,6 +65,7 @@ def build_internal_app(*, pages: Pages, readiness: ReadinessCheck) -> Starlette:
         routes=[
             Route("/.tabiji/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/.tabiji/readyz", readyz, methods=["GET", "HEAD"]),
+            *extra_routes,
         ],
         exception_handlers={404: not_found, 405: not_found},
     )

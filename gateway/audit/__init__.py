@@ -1,0 +1,1 @@
+"""The audit trail: one hash-chained record per decision; stores, verify, query. No settings."""

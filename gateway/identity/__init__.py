@@ -1,0 +1,1 @@
+"""Who is asking: OIDC login, sessions, bearer tokens. Must not import gateway.settings."""
