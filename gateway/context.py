@@ -1,12 +1,13 @@
 """RequestContext: the frozen facts one request has gathered, handed from stage to stage.
 
-Imports only value types (routing, target); never gateway.settings or a stage.
+Imports only value types (routing, target, identity.model); never gateway.settings or a stage.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.identity.model import Identity
 from gateway.routing import Route
 from gateway.target import Target
 
@@ -31,3 +32,4 @@ class RequestContext:
     peer: Peer
     target: Target
     route: Route
+    identity: Identity | None = None  # None: nobody signed in (or a public route: not looked at)

@@ -25,6 +25,7 @@ class Verdict:
     rule: str | None
     reasons: tuple[str, ...]
     policy_hash: str
+    country: str | None = None  # the client's country, when GeoIP knows it (for the audit record)
 
 
 class PolicyHolder:
@@ -62,18 +63,32 @@ class PolicyDecider:
         if policy is None:
             return Verdict(False, route.policy, None, ("policy-unknown",), policy_set.content_hash)
         client_ip = ctx.peer.client_ip
+        country = self.geoip.country(client_ip) if self.geoip is not None else None
+        identity = ctx.identity
         request = AccessRequest(
             resource=Resource(route.name, ctx.peer.authority, ctx.target.path, ctx.method),
+            subject=identity.subject_fact() if identity is not None else None,
             source_ip=client_ip,
-            country=self.geoip.country(client_ip) if self.geoip is not None else None,
+            country=country,
         )
         decision = evaluate(policy, request, datetime.now(UTC))
+        reasons: tuple[str, ...] = tuple(decision.reasons)
+        if (
+            not decision.allowed
+            and identity is not None
+            and identity.groups_overage
+            and "group-missing" in reasons
+        ):
+            # Entra ID sent "too many groups" instead of the list: say so rather than blame the
+            # user for a group they may well have (the fix is on the provider's side).
+            reasons = (*reasons, "groups-overage")
         return Verdict(
             decision.allowed,
             decision.policy,
             decision.rule,
-            tuple(decision.reasons),
+            reasons,
             policy_set.content_hash,
+            country,
         )
 
 

@@ -51,6 +51,36 @@ class AccessDenied(GatewayError):
         self.reasons = reasons
 
 
+class LoginRequired(GatewayError):
+    """Nobody is signed in and the policy needs a user: a browser is sent to log in."""
+
+    code = "login-required"
+    status = 401
+
+    def __init__(self, login_url: str) -> None:
+        super().__init__("login required")
+        self.login_url = login_url
+        self.reasons = ("user-unauthenticated",)
+
+
+class IdentityRejected(GatewayError):
+    """A presented credential (bearer token) is invalid; `reason` is its precise code."""
+
+    code = "identity-rejected"
+    status = 401
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reasons = (reason,)
+
+
+class AuditUnavailable(GatewayError):
+    """`audit.fail_closed` is on and records cannot be written durably: nothing is served."""
+
+    code = "audit-unavailable"
+    status = 503
+
+
 class UpstreamUnavailable(GatewayError):
     """The upstream refused the connection, could not be reached, or broke the exchange."""
 

@@ -150,6 +150,7 @@ class Pages:
         request_headers: Iterable[tuple[bytes, bytes]],
         reasons: tuple[str, ...] = (),
         https: bool = False,
+        login_url: str | None = None,
     ) -> tuple[Headers, bytes]:
         """Headers and body of a refusal/error page, in the reader's language or as JSON."""
         request_headers = list(request_headers)
@@ -157,26 +158,26 @@ class Pages:
         headers = self.security_headers(https)
         headers.append((b"x-request-id", request_id.encode()))
         if wants_json(request_headers):
-            body = json.dumps(
-                {
-                    "error": code,
-                    "status": status,
-                    "reasons": list(reasons),
-                    "request_id": request_id,
-                    "message": {lang: self.catalogue.get(code, lang).title for lang in LANGUAGES},
-                    "reason_messages": {
-                        reason: {
-                            lang: {
-                                "title": self.catalogue.get(reason, lang).title,
-                                "fix": self.catalogue.get(reason, lang).fix,
-                            }
-                            for lang in LANGUAGES
+            document: dict[str, Any] = {
+                "error": code,
+                "status": status,
+                "reasons": list(reasons),
+                "request_id": request_id,
+                "message": {lang: self.catalogue.get(code, lang).title for lang in LANGUAGES},
+                "reason_messages": {
+                    reason: {
+                        lang: {
+                            "title": self.catalogue.get(reason, lang).title,
+                            "fix": self.catalogue.get(reason, lang).fix,
                         }
-                        for reason in reasons
-                    },
+                        for lang in LANGUAGES
+                    }
+                    for reason in reasons
                 },
-                ensure_ascii=False,
-            ).encode()
+            }
+            if login_url is not None:
+                document["login_url"] = login_url
+            body = json.dumps(document, ensure_ascii=False).encode()
             headers.append((b"content-type", b"application/json; charset=utf-8"))
             return headers, body
         other = "en" if language == "ja" else "ja"
@@ -210,6 +211,7 @@ class Pages:
         https: bool = False,
         extra_headers: Headers | None = None,
         head_only: bool = False,
+        login_url: str | None = None,
     ) -> int:
         """Send a whole error response over ASGI; returns the number of body bytes sent."""
         headers, body = self.render_error(
@@ -219,6 +221,7 @@ class Pages:
             request_headers=request_headers,
             reasons=reasons,
             https=https,
+            login_url=login_url,
         )
         if extra_headers:
             headers.extend(extra_headers)

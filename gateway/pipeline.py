@@ -1,4 +1,5 @@
-"""The request pipeline, in order, in one place: peer → target → route → decide → forward.
+"""The request pipeline, in order, in one place: peer → target → route → identity → decide →
+forward, and an audit record of every decision.
 
 Stages gather facts; only the decision allows; only this module turns a decision or an error into a
 response, and any unexpected error means refusal (fail closed). Must not import gateway.settings.
@@ -7,25 +8,30 @@ response, and any unexpected error means refusal (fail closed). Must not import 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
-from time import perf_counter_ns
+from time import perf_counter_ns, time
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from gateway.context import Peer, RequestContext
 from gateway.decide import Verdict
 from gateway.errors import (
     AccessDenied,
+    AuditUnavailable,
     BadRequestTarget,
     GatewayError,
+    IdentityRejected,
+    LoginRequired,
     UnknownHost,
 )
 from gateway.forward import ClientDisconnected, Forwarder, ForwardResult, ResponseAborted
 from gateway.headers import new_request_id, upstream_request_headers
+from gateway.identity.model import Identity
 from gateway.observability import AccessLog, request_id_var
-from gateway.pages import Pages
+from gateway.pages import Pages, header_value, wants_json
 from gateway.peer import TrustedProxies, resolve_peer
-from gateway.routing import RouteTable, canonical_authority
+from gateway.routing import Route, RouteTable, canonical_authority
 from gateway.target import Target, normalise_target
 
 Scope = MutableMapping[str, Any]
@@ -42,6 +48,34 @@ class Decider(Protocol):
     """Turns the gathered facts into a verdict (gateway.decide: the policy engine)."""
 
     def decide(self, ctx: RequestContext) -> Verdict: ...
+
+
+class IdentityStage(Protocol):
+    """Who is asking: a bearer token or the session cookie (gateway.identity.resolve)."""
+
+    async def resolve(
+        self, headers: list[tuple[bytes, bytes]], authority: str, https: bool, now: float
+    ) -> Identity | None: ...
+
+
+class AssertionStage(Protocol):
+    """The signed identity assertion (and optional plain headers) for the upstream."""
+
+    def upstream_headers(
+        self, identity: Identity, route: Route, now: float
+    ) -> Sequence[tuple[str, str]]: ...
+
+
+class AuditTrail(Protocol):
+    """Where every decision is recorded (gateway.audit): batched, or durable before release."""
+
+    durable: bool
+
+    def healthy(self) -> bool: ...
+
+    def record(self, outcome: Outcome) -> None: ...
+
+    async def record_durable(self, outcome: Outcome) -> None: ...
 
 
 class StageClock(Protocol):
@@ -61,9 +95,11 @@ class RequestMetrics(Protocol):
 
 
 @dataclass(slots=True)
-class _Outcome:
-    """What the access log and metrics need once a request is over (mutable while it runs)."""
+class Outcome:
+    """What the audit trail, access log and metrics need of a request (mutable while it runs)."""
 
+    started: float  # unix seconds when the request arrived
+    started_ns: int  # perf_counter_ns at arrival, for the latency
     request_id: str = "-"
     route: str = "-"
     status: int = 0
@@ -73,14 +109,21 @@ class _Outcome:
     rule: str | None = None
     reasons: tuple[str, ...] = ()
     result: ForwardResult | None = None
+    ctx: RequestContext | None = None  # set once the request is routed
+    peer: Peer | None = None
+    country: str | None = None
+    finished_ns: int = 0
 
 
-def _record_refusal(outcome: _Outcome, error: GatewayError) -> tuple[str, ...]:
+_DENIALS = (AccessDenied, LoginRequired, IdentityRejected)
+
+
+def _record_refusal(outcome: Outcome, error: GatewayError) -> tuple[str, ...]:
     """Note a refusal in the outcome; returns its reason codes (policy reasons for a deny)."""
-    reasons = error.reasons if isinstance(error, AccessDenied) else ()
+    reasons: tuple[str, ...] = getattr(error, "reasons", ())
     outcome.reasons = reasons
     outcome.status, outcome.code = error.status, error.code
-    outcome.decision = "deny" if isinstance(error, AccessDenied) else "error"
+    outcome.decision = "deny" if isinstance(error, _DENIALS) else "error"
     if outcome.request_id == "-":
         outcome.request_id = new_request_id([], False)
     return reasons
@@ -101,8 +144,14 @@ class Pipeline:
         stages: StageClock,
         metrics: RequestMetrics,
         access_log: AccessLog | None,
+        identity: IdentityStage | None = None,
+        assertions: AssertionStage | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.routes = routes
+        self.identity = identity
+        self.assertions = assertions
+        self.audit = audit
         self.trusted_proxies = trusted_proxies
         self.decider = decider
         self.forwarder = forwarder
@@ -135,24 +184,111 @@ class Pipeline:
             )
         return target
 
-    def _context(self, scope: Scope, request_id: str, peer: Peer, target: Target) -> RequestContext:
+    def _route(self, peer: Peer, target: Target) -> Route:
         route = self.routes.match(peer.authority, target.path)
         if route is None:
             raise UnknownHost(f"no route for {peer.authority}{target.path}")
-        return RequestContext(request_id, scope.get("method", "GET"), peer, target, route)
+        return route
+
+    async def _identify(
+        self, scope: Scope, route: Route, peer: Peer, https: bool, now: float
+    ) -> Identity | None:
+        # A public route never looks at credentials: nothing to verify, nothing to leak.
+        if route.public or self.identity is None:
+            return None
+        return await self.identity.resolve(scope["headers"], peer.authority, https, now)
+
+    def _check_audit(self) -> None:
+        audit = self.audit
+        if audit is not None and not audit.healthy():
+            # audit.fail_closed: with no durable record possible, nothing is served.
+            raise AuditUnavailable("audit records cannot be written")
+
+    @staticmethod
+    def _login_or_deny(ctx: RequestContext, verdict: Verdict) -> GatewayError:
+        """A refusal; a request nobody signed in for is sent to log in instead (if it can be)."""
+        if ctx.identity is None and "user-unauthenticated" in verdict.reasons:
+            target = ctx.target
+            back = target.path + ("?" + target.query if target.query else "")
+            origin = f"{ctx.peer.scheme}://{ctx.peer.authority}"
+            return LoginRequired(f"{origin}/.tabiji/login?rd={quote(back, safe='')}")
+        return AccessDenied(verdict.reasons)
+
+    async def _assert_identity(
+        self, ctx: RequestContext, outcome: Outcome, now: float
+    ) -> Sequence[tuple[str, str]]:
+        """The gateway's own upstream headers; a durable audit record lands before forwarding."""
+        if self.audit is not None and self.audit.durable:
+            await self.audit.record_durable(outcome)
+        identity = ctx.identity
+        if identity is None or self.assertions is None:
+            return ()
+        return self.assertions.upstream_headers(identity, ctx.route, now)
+
+    async def _admit(
+        self,
+        scope: Scope,
+        peer: Peer,
+        target: Target,
+        outcome: Outcome,
+        *,
+        https: bool,
+        t1: int,
+        websocket: bool = False,
+    ) -> tuple[RequestContext, list[tuple[str, str]]]:
+        """Route, identify, decide: the request's context and upstream headers, or a refusal."""
+        stages = self.stages
+        self._check_audit()
+        route = self._route(peer, target)
+        outcome.route = route.name
+        t2 = perf_counter_ns()
+        now = outcome.started
+        identity = await self._identify(scope, route, peer, https, now)
+        ctx = RequestContext(
+            outcome.request_id, scope.get("method", "GET"), peer, target, route, identity
+        )
+        outcome.ctx = ctx
+        if websocket and not route.websockets:
+            raise AccessDenied(("websocket-not-allowed",))
+        t3 = perf_counter_ns()
+        verdict = self.decider.decide(ctx)
+        t4 = perf_counter_ns()
+        stages.add("route", t2 - t1)
+        stages.add("identity", t3 - t2)
+        stages.add("decide", t4 - t3)
+        outcome.policy_hash, outcome.rule = verdict.policy_hash, verdict.rule
+        outcome.country = verdict.country
+        if not verdict.allowed:
+            if websocket:
+                # No redirect for a WebSocket: the page's script must reload to log in again.
+                raise AccessDenied(verdict.reasons)
+            raise self._login_or_deny(ctx, verdict)
+        outcome.decision = "allow"
+        gateway_headers = await self._assert_identity(ctx, outcome, now)
+        upstream_headers = upstream_request_headers(
+            scope["headers"],
+            peer=peer,
+            route=route,
+            request_id=ctx.request_id,
+            gateway_headers=gateway_headers,
+        )
+        stages.add("headers", perf_counter_ns() - t4)
+        return ctx, upstream_headers
 
     # -- HTTP ------------------------------------------------------------------------------
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """One HTTP request: refuse it with a page, hand it to our own endpoints, or forward it."""
-        outcome = _Outcome()
+        t0 = perf_counter_ns()
+        now = time()
+        outcome = Outcome(now, t0)
         headers = scope["headers"]
         https = scope.get("scheme") == "https"
         self.metrics.request_started()
         stages = self.stages
         try:
-            t0 = perf_counter_ns()
             peer = self._peer(scope)
+            outcome.peer = peer
             https = peer.scheme == "https"
             outcome.request_id = new_request_id(headers, peer.via_trusted_proxy)
             request_id_var.set(outcome.request_id)  # every log line of this request carries it
@@ -163,22 +299,10 @@ class Pipeline:
                 outcome.route, outcome.decision = "tabiji", "internal"
                 await self._internal(scope, receive, send, target, outcome)
                 return
-            ctx = self._context(scope, outcome.request_id, peer, target)
-            outcome.route = ctx.route.name
-            t2 = perf_counter_ns()
-            verdict = self.decider.decide(ctx)
-            t3 = perf_counter_ns()
             stages.add("peer", t1 - t0)
-            stages.add("route", t2 - t1)
-            stages.add("decide", t3 - t2)
-            outcome.policy_hash, outcome.rule = verdict.policy_hash, verdict.rule
-            if not verdict.allowed:
-                raise AccessDenied(verdict.reasons)
-            outcome.decision = "allow"
-            upstream_headers = upstream_request_headers(
-                headers, peer=peer, route=ctx.route, request_id=ctx.request_id
+            ctx, upstream_headers = await self._admit(
+                scope, peer, target, outcome, https=https, t1=t1
             )
-            stages.add("headers", perf_counter_ns() - t3)
             # Not timed: across an await a clock measures waiting, not this request's CPU.
             result = await self.forwarder.forward_http(ctx, upstream_headers, receive, send)
             outcome.result = result
@@ -210,7 +334,7 @@ class Pipeline:
             self._finish(scope, outcome)
 
     async def _internal(
-        self, scope: Scope, receive: Receive, send: Send, target: Target, outcome: _Outcome
+        self, scope: Scope, receive: Receive, send: Send, target: Target, outcome: Outcome
     ) -> None:
         status_holder: list[int] = []
 
@@ -233,13 +357,29 @@ class Pipeline:
         send: Send,
         error: GatewayError,
         *,
-        outcome: _Outcome,
+        outcome: Outcome,
         headers: list[tuple[bytes, bytes]],
         https: bool,
         head_only: bool,
     ) -> None:
         reasons = _record_refusal(outcome, error)
+        if self.audit is not None and self.audit.durable and outcome.ctx is not None:
+            # Durable mode: the refusal is on record before the client learns of it.
+            try:
+                await self.audit.record_durable(outcome)
+            except Exception:
+                log.exception(
+                    "durable audit record failed", extra={"request_id": outcome.request_id}
+                )
         try:
+            if isinstance(error, LoginRequired):
+                await self._send_login(send, error, outcome, headers, https, head_only)
+                return
+            extra: list[tuple[bytes, bytes]] = []
+            if isinstance(error, IdentityRejected):
+                # RFC 6750 §3: the client learns its token was refused, and why, in one code.
+                challenge = f'Bearer error="invalid_token", error_description="{error.reasons[0]}"'
+                extra.append((b"www-authenticate", challenge.encode()))
             await self.pages.send_error(
                 send,
                 status=error.status,
@@ -249,12 +389,58 @@ class Pipeline:
                 reasons=reasons,
                 https=https,
                 head_only=head_only,
+                extra_headers=extra,
             )
         except RuntimeError:
             # The response had already started (an upstream broke mid-stream): nothing to add.
             log.warning("response already started", extra={"request_id": outcome.request_id})
 
-    def _finish(self, scope: Scope, outcome: _Outcome) -> None:
+    async def _send_login(  # noqa: PLR0917 — a private helper of _refuse, called once
+        self,
+        send: Send,
+        error: LoginRequired,
+        outcome: Outcome,
+        headers: list[tuple[bytes, bytes]],
+        https: bool,
+        head_only: bool,
+    ) -> None:
+        """A top-level navigation goes to the login page; anything else (a single-page app's
+        fetch, a program) gets 401 with the login URL in JSON, never a cross-origin redirect."""
+        fetch_mode = header_value(headers, b"sec-fetch-mode")
+        navigation = (fetch_mode is None or fetch_mode == b"navigate") and not wants_json(headers)
+        if not navigation:
+            await self.pages.send_error(
+                send,
+                status=401,
+                code=error.code,
+                request_id=outcome.request_id,
+                request_headers=[*headers, (b"accept", b"application/json")],
+                reasons=error.reasons,
+                https=https,
+                head_only=head_only,
+                login_url=error.login_url,
+            )
+            return
+        outcome.status = 302
+        await self.pages.send_error(
+            send,
+            status=302,
+            code=error.code,
+            request_id=outcome.request_id,
+            request_headers=headers,
+            reasons=error.reasons,
+            https=https,
+            head_only=head_only,
+            extra_headers=[(b"location", error.login_url.encode())],
+        )
+
+    def _finish(self, scope: Scope, outcome: Outcome) -> None:
+        outcome.finished_ns = perf_counter_ns()
+        if self.audit is not None and outcome.decision != "internal":
+            try:
+                self.audit.record(outcome)
+            except Exception:
+                log.exception("audit record failed", extra={"request_id": outcome.request_id})
         result = outcome.result
         self.metrics.request_finished(
             outcome.route,
@@ -283,29 +469,23 @@ class Pipeline:
 
     async def handle_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket handshake goes through the same stages; only routes that allow them relay."""
-        outcome = _Outcome()
+        started_ns = perf_counter_ns()
+        now = time()
+        outcome = Outcome(now, started_ns)
         headers = scope["headers"]
         https = scope.get("scheme") == "wss"
         self.metrics.request_started()
         try:
             peer = self._peer(scope)
+            outcome.peer = peer
             https = peer.scheme in {"https", "wss"}
             outcome.request_id = new_request_id(headers, peer.via_trusted_proxy)
             request_id_var.set(outcome.request_id)  # every log line of this request carries it
             target = self._target(scope, peer)
             if target.path == RESERVED_PREFIX or target.path.startswith(RESERVED_PREFIX + "/"):
                 raise UnknownHost("the gateway's own endpoints take no WebSockets")
-            ctx = self._context(scope, outcome.request_id, peer, target)
-            outcome.route = ctx.route.name
-            if not ctx.route.websockets:
-                raise AccessDenied(("websocket-not-allowed",))
-            verdict = self.decider.decide(ctx)
-            outcome.policy_hash, outcome.rule = verdict.policy_hash, verdict.rule
-            if not verdict.allowed:
-                raise AccessDenied(verdict.reasons)
-            outcome.decision = "allow"
-            upstream_headers = upstream_request_headers(
-                headers, peer=peer, route=ctx.route, request_id=ctx.request_id
+            ctx, upstream_headers = await self._admit(
+                scope, peer, target, outcome, https=https, t1=perf_counter_ns(), websocket=True
             )
             result = await self.forwarder.forward_websocket(ctx, upstream_headers, receive, send)
             outcome.result, outcome.status = result, result.status
@@ -328,7 +508,7 @@ class Pipeline:
         send: Send,
         error: GatewayError,
         *,
-        outcome: _Outcome,
+        outcome: Outcome,
         https: bool,
     ) -> None:
         headers = scope["headers"]

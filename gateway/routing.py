@@ -51,6 +51,14 @@ class Route:
     websockets: bool
     public: bool
     policy: str | None
+    providers: tuple[str, ...] | None = None  # who may log in for it (None: every provider)
+    identity_headers: bool = False  # unsigned X-Tabiji-User/-Email/-Groups beside the assertion
+    audit_query: bool = False  # the query string is kept in audit records
+
+    @property
+    def origin(self) -> str:
+        """scheme://host[:port] as users reach it: the `aud` of the identity assertion."""
+        return f"{self.scheme}://{self.host}"
 
     def covers(self, path: str) -> bool:
         """True when the normalised `path` lies under this route's prefix (segment-wise)."""

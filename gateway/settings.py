@@ -122,6 +122,168 @@ class Logging(_Section):
     access_log: bool = True
 
 
+NewPath = Annotated[Path, AfterValidator(Path.resolve)]  # may not exist yet (created at start)
+_NAME_HINT = "a name is 1-63 lower-case letters, digits, '-' or '_'"
+_ALGORITHMS = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]  # asymmetric only: never `none`, never HMAC (a public key must not become an HMAC secret)
+
+
+def _plain_name(value: str) -> str:
+    if not _ROUTE_NAME.fullmatch(value):
+        raise ValueError(_NAME_HINT)
+    return value
+
+
+PlainName = Annotated[str, AfterValidator(_plain_name)]
+
+
+def _local_store_url(value: str, schemes: tuple[str, ...]) -> str:
+    """Check a store URL's scheme; make a relative sqlite path absolute (config dir)."""
+    scheme = value.split(":", 1)[0].lower()
+    if scheme not in schemes:
+        raise ValueError(
+            f"the store URL must start with one of {', '.join(s + '://' for s in schemes)}"
+        )
+    if scheme == "sqlite":
+        if not value.startswith("sqlite:///") or len(value) <= len("sqlite:///"):
+            raise ValueError("write sqlite:///relative/path.db or sqlite:////absolute/path.db")
+        return "sqlite:///" + str(Path(value[len("sqlite:///") :]).resolve())
+    return value
+
+
+def _here(url: str) -> str:
+    """A default sqlite URL, resolved against the config file's directory."""
+    return "sqlite:///" + str(Path(url[len("sqlite:///") :]).resolve())
+
+
+def _issuer_url(value: str) -> str:
+    parts = urlsplit(value)
+    loopback = parts.hostname in {"127.0.0.1", "::1", "localhost"}
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        raise ValueError("an issuer must be https:// (plain http only on a loopback address)")
+    if parts.query or parts.fragment or parts.username:
+        raise ValueError("an issuer has no query, fragment or user name (OIDC Discovery §3)")
+    return value.rstrip("/") if value.endswith("/") and parts.path not in {"", "/"} else value
+
+
+IssuerUrl = Annotated[str, AfterValidator(_issuer_url)]
+
+
+class DisplayName(_Section):
+    """How a provider is named on the chooser page, in both languages."""
+
+    ja: str
+    en: str
+
+
+class ProviderConfig(_Section):
+    """An OpenID Provider staff (or contractors) log in with."""
+
+    name: PlainName
+    display_name: DisplayName | None = None
+    issuer: IssuerUrl
+    client_id: str
+    client_secret_file: File | None = None  # absent: a public client (PKCE only)
+    scopes: list[str] = ["openid", "email", "profile"]
+    groups_claim: str = "groups"
+    algorithms: list[_ALGORITHMS] = ["RS256", "ES256"]
+    ca_bundle: File | None = None
+    end_session: bool = True  # RP-initiated logout at the provider when it offers it
+    graph_groups_url: str | None = None  # Entra ID group overage: Microsoft Graph memberOf URL
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid_scope(cls, value: list[str]) -> list[str]:
+        if "openid" not in value:
+            raise ValueError("the scopes must include 'openid'")
+        return value
+
+
+class BearerIssuerConfig(_Section):
+    """An issuer whose JWT access tokens programs may present as `Authorization: Bearer`."""
+
+    name: PlainName
+    issuer: IssuerUrl
+    audiences: Annotated[list[str], Field(min_length=1)]
+    jwks_uri: str | None = None  # default: from the issuer's discovery document
+    algorithms: list[_ALGORITHMS] = ["RS256", "ES256"]
+    groups_claim: str = "groups"
+    ca_bundle: File | None = None
+
+
+class SessionConfig(_Section):
+    """Browser sessions: lifetimes and the shared store (which also holds single-use values)."""
+
+    lifetime: Duration = 12 * 3600.0
+    idle_timeout: Duration = 3600.0
+    refresh_interval: Duration = 900.0  # how often the provider is asked again (token refresh)
+    store: str = Field(default_factory=lambda: _here("sqlite:///state.db"))
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        return _local_store_url(value, ("sqlite", "redis", "rediss"))
+
+
+class RateLimitConfig(_Section):
+    """Per client address, for login, callback and logout."""
+
+    per_minute: Annotated[int, Field(ge=1)] = 30
+    burst: Annotated[int, Field(ge=1)] = 10
+
+
+class IdentityConfig(_Section):
+    """Who is asking: OIDC providers for browsers, bearer issuers for programs, sessions."""
+
+    providers: list[ProviderConfig] = []
+    bearer: list[BearerIssuerConfig] = []
+    session: SessionConfig = Field(default_factory=SessionConfig)
+    rate_limit: RateLimitConfig = RateLimitConfig()
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> IdentityConfig:
+        names = [p.name for p in self.providers] + [b.name for b in self.bearer]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"two identity providers are named '{name}'")
+        return self
+
+
+class AssertionConfig(_Section):
+    """The signed identity assertion (X-Tabiji-Assertion) sent to upstreams."""
+
+    key_dir: NewPath = Field(default_factory=lambda: Path("assertion-keys").resolve())
+    lifetime: Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, le=300)] = 120.0
+
+
+_AUDIT_REDACTABLE = Literal["client_ip", "user_email", "query", "country", "device_id"]
+
+
+class AuditConfig(_Section):
+    """The tamper-evident audit trail (see README: Audit)."""
+
+    store: str = Field(default_factory=lambda: _here("sqlite:///audit.db"))
+    durability: Literal["batched", "durable"] = "batched"
+    flush_interval: Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, le=0.1)] = 0.1
+    spool_dir: NewPath = Field(default_factory=lambda: Path("audit-spool").resolve())
+    fail_closed: bool = False  # refuse requests while records cannot be written durably
+    # The Ed25519 checkpoint key (created when missing); its public half verifies checkpoints.
+    key_file: NewPath = Field(default_factory=lambda: Path("audit-key.pem").resolve())
+    checkpoint_interval: Duration = 60.0
+    checkpoint_export: NewPath | None = None  # a file the auditors keep (off the box)
+    checkpoint_url: str | None = None
+    tsa_url: str | None = None  # RFC 3161 time-stamping authority
+    redact: list[_AUDIT_REDACTABLE] = []
+    retention_days: Annotated[int, Field(ge=1)] | None = None
+    view_policy: str | None = None  # the policy that guards /.tabiji/audit (e.g. auditors)
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        return _local_store_url(value, ("sqlite", "postgresql", "postgres"))
+
+
 def _split_url(value: str, what: str) -> tuple[str, str, int | None, str]:
     parts = urlsplit(value)
     if parts.scheme not in {"http", "https"}:
@@ -166,6 +328,9 @@ class RouteConfig(_Section):
     public: bool = False
     policy: str | None = None
     tls_ca_bundle: File | None = None
+    providers: list[str] | None = None  # who may log in for this route (default: every provider)
+    identity_headers: bool = False  # also send unsigned X-Tabiji-User/-Email/-Groups
+    audit_query: bool = False  # keep the query string in audit records (secrets still redacted)
 
     @field_validator("name")
     @classmethod
@@ -229,6 +394,11 @@ class GatewaySettings(BaseSettings):
     logging: Logging = Logging()
     policies: Policies | None = None
     geoip: GeoIPConfig | None = None
+    # Built while the config file is read (its directory is the working directory then), so
+    # relative default paths land beside the config file.
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    assertion: AssertionConfig = Field(default_factory=AssertionConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     routes: Annotated[list[RouteConfig], Field(min_length=1)]
 
     @field_validator("public_url")
@@ -260,6 +430,14 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(
                     f"routes '{other}' and '{route.name}' both claim {authority}{prefix}"
                 )
+        known = {provider.name for provider in self.identity.providers}
+        for route in self.routes:
+            for name in route.providers or ():
+                if name not in known:
+                    raise ValueError(
+                        f"route '{route.name}' names provider '{name}', which is not configured"
+                        f" under identity.providers ({', '.join(sorted(known)) or 'none'})"
+                    )
         return self
 
     @classmethod
@@ -379,12 +557,18 @@ def policy_reference_errors(
     settings: GatewaySettings, document: YamlDocument | None = None
 ) -> list[SourceError]:
     """Every route's `policy:` must name a policy of a policy set that lints clean."""
-    named = [(i, route.policy) for i, route in enumerate(settings.routes) if route.policy]
+    named: list[tuple[int, str]] = [
+        (i, route.policy) for i, route in enumerate(settings.routes) if route.policy
+    ]
+    if settings.audit.view_policy:
+        named.append((-1, settings.audit.view_policy))  # -1: the audit view's policy
     source = document.source if document else "config"
 
     def where(index: int) -> Position:
         if document is None:
             return Position(source, 1, 1)
+        if index == -1:
+            return document.position_of(("audit", "view_policy"))
         return document.position_of(("routes", index, "policy"))
 
     if settings.policies is None:

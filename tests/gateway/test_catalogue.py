@@ -32,8 +32,12 @@ def _codes_in(node: ast.AST) -> set[str]:
     }
 
 
+# Errors whose first argument is the code a page shows (a refused token, a failed login).
+CODED_BY_FIRST_ARGUMENT = frozenset({"TokenInvalid", "IdentityRejected", "OidcError"})
+
+
 def _assigned_code(node: ast.AST) -> ast.expr | None:
-    """The value of `code = …` (an error class's attribute, or a local), else None."""
+    """The value of `code = …` or `reasons = …` (an error class's attribute, or a local)."""
     if isinstance(node, ast.Assign):
         targets, value = node.targets, node.value
     elif isinstance(node, ast.AnnAssign) and node.value is not None:
@@ -42,9 +46,17 @@ def _assigned_code(node: ast.AST) -> ast.expr | None:
         return None
     for target in targets:
         name = target.id if isinstance(target, ast.Name) else getattr(target, "attr", None)
-        if name == "code":
+        if name in ("code", "reasons"):
             return value
     return None
+
+
+def _first_argument_code(node: ast.Call) -> set[str]:
+    func = node.func
+    name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+    if name in CODED_BY_FIRST_ARGUMENT and node.args and isinstance(node.args[0], ast.Constant):
+        return _codes_in(node.args[0])
+    return set()
 
 
 @cache
@@ -64,6 +76,7 @@ def gateway_codes() -> frozenset[str]:
             if value is not None:
                 found |= _codes_in(value)
             elif isinstance(node, ast.Call):
+                found |= _first_argument_code(node)
                 for keyword in node.keywords:
                     if keyword.arg in ("code", "reasons"):
                         found |= _codes_in(keyword.value)
