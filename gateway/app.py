@@ -11,6 +11,8 @@ import gc
 import logging
 import os
 import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,15 +74,33 @@ def build_route(config: RouteConfig, default_max_body: int) -> Route:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Service:
+    """Something a worker starts after the forwarder and stops before it (stores, feeds, timers).
+
+    Started in order, stopped in reverse; a start that fails stops the worker with its reason.
+    """
+
+    name: str
+    start: Callable[[], Awaitable[None]]
+    stop: Callable[[], Awaitable[None]]
+
+
 class GatewayApp:
     """The raw ASGI app: HTTP and WebSocket go to the pipeline; it also runs the lifespan."""
 
     def __init__(
-        self, pipeline: Pipeline, forwarder: Forwarder, reloader: PolicyReloader | None = None
+        self,
+        pipeline: Pipeline,
+        forwarder: Forwarder,
+        reloader: PolicyReloader | None = None,
+        services: Sequence[Service] = (),
     ) -> None:
         self.pipeline = pipeline
         self.forwarder = forwarder
         self.reloader = reloader
+        self.services = tuple(services)
+        self._started: list[Service] = []
         self.handle_http = pipeline.handle_http
         self.handle_websocket = pipeline.handle_websocket
 
@@ -99,12 +119,16 @@ class GatewayApp:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.forwarder.start()
+                    for service in self.services:
+                        await service.start()
+                        self._started.append(service)
                     if self.reloader is not None:
                         # Catch up with changes made between loading the config and now.
                         await self.reloader.reload()
                         await self.reloader.start()
                 except Exception as error:  # a worker that cannot start must say why and stop
                     log.exception("start-up failed")
+                    await self._stop_services()
                     await send({"type": "lifespan.startup.failed", "message": str(error)})
                     return
                 # Start-up objects live as long as the worker: keep the collector off them, and
@@ -117,9 +141,18 @@ class GatewayApp:
                     self.pipeline.access_log.flush()
                 if self.reloader is not None:
                     await self.reloader.stop()
+                await self._stop_services()
                 await self.forwarder.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _stop_services(self) -> None:
+        while self._started:
+            service = self._started.pop()
+            try:
+                await service.stop()
+            except Exception:  # one failing stop must not keep the others (audit!) from theirs
+                log.exception("stopping %s failed", service.name)
 
 
 def build_app(settings: GatewaySettings) -> GatewayApp:
