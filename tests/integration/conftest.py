@@ -26,6 +26,8 @@ import httpx
 import pytest
 import yaml
 
+from .idp_fixture import idp, idp_b, idp_ca, idp_logout_receiver  # noqa: F401 — shared fixtures
+
 REPO = Path(__file__).resolve().parents[2]
 UPSTREAM_SCRIPT = Path(__file__).with_name("upstream_app.py")
 START_TIMEOUT = 30.0
