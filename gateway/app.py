@@ -10,14 +10,16 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import ssl
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from starlette.routing import BaseRoute
+
 from gateway import observability
+from gateway.app_services import Service, upstream_ssl_context
+from gateway.audit.writer import AuditWriter
 from gateway.decide import PolicyDecider, PolicyHolder, empty_policy_set
 from gateway.forward import Forwarder
 from gateway.observability import Readiness
@@ -27,21 +29,16 @@ from gateway.pipeline import Pipeline, Receive, Scope, Send
 from gateway.policy_reload import PolicyReloader
 from gateway.routing import Route, RouteTable, Upstream
 from gateway.settings import CONFIG_ENV, GatewaySettings, RouteConfig, load_settings
+from gateway.state.base import StateStore
 from gateway.web.catalogue import load_catalogue
 from gateway.web.endpoints import build_internal_app
+from gateway.wire_audit import build_audit
+from gateway.wire_identity import build_identity
 from policies.geoip import GeoIP
 from policies.loader import load_policy_dir
 
 log = logging.getLogger("tabiji.app")
 GC_THRESHOLDS = (20_000, 20, 20)  # measured in bench/proxy.py; CPython's default is (700, 10, 10)
-
-
-def upstream_ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
-    """A verifying TLS context for an https upstream (system CAs, or the route's own bundle)."""
-    context = ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle else None)
-    context.check_hostname = True  # never silently disabled
-    context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def build_route(config: RouteConfig, default_max_body: int) -> Route:
@@ -71,19 +68,10 @@ def build_route(config: RouteConfig, default_max_body: int) -> Route:
         websockets=config.websockets,
         public=config.public,
         policy=config.policy,
+        providers=tuple(config.providers) if config.providers is not None else None,
+        identity_headers=config.identity_headers,
+        audit_query=config.audit_query,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Service:
-    """Something a worker starts after the forwarder and stops before it (stores, feeds, timers).
-
-    Started in order, stopped in reverse; a start that fails stops the worker with its reason.
-    """
-
-    name: str
-    start: Callable[[], Awaitable[None]]
-    stop: Callable[[], Awaitable[None]]
 
 
 class GatewayApp:
@@ -155,8 +143,11 @@ class GatewayApp:
                 log.exception("stopping %s failed", service.name)
 
 
-def build_app(settings: GatewaySettings) -> GatewayApp:
-    """Wire every collaborator from settings (no other module reads them)."""
+def build_app(settings: GatewaySettings, *, dry_run: bool = False) -> GatewayApp:
+    """Wire every collaborator from settings (no other module reads them).
+
+    `dry_run` (check-config) builds every object but writes nothing (no keys, no secrets).
+    """
     routes = RouteTable(
         [build_route(route, int(settings.server.max_body_bytes)) for route in settings.routes]
     )
@@ -178,18 +169,56 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
         readiness.add("policies", reloader.readiness)
     geoip = GeoIP(settings.geoip.database) if settings.geoip else None
     forwarder = Forwarder()
+    services: list[Service] = []
+    extra_routes: list[BaseRoute] = []
+    audit = build_audit(settings, dry_run=dry_run) if settings.audit.enabled else None
+    if audit is not None:
+        services += audit.services  # first up, last down: everything else may still record
+        writer = audit.writer
+        readiness.add("audit", lambda: _audit_ready(writer))
+    identity = None
+    if settings.identity.providers or settings.identity.bearer:
+        identity = build_identity(
+            settings,
+            routes=routes,
+            pages=pages,
+            forwarder=forwarder,
+            audit=audit.trail.admin if audit is not None else None,
+            dry_run=dry_run,
+        )
+        services += identity.services
+        extra_routes += identity.routes
+        store = identity.store
+        readiness.add("state", lambda: _ping(store, identity.store_description))
     pipeline = Pipeline(
         routes=routes,
         trusted_proxies=TrustedProxies(list(settings.trusted_proxies)),
         decider=PolicyDecider(holder, geoip),
         forwarder=forwarder,
         pages=pages,
-        internal_app=build_internal_app(pages=pages, readiness=readiness.check_all),
+        internal_app=build_internal_app(
+            pages=pages, readiness=readiness.check_all, extra_routes=extra_routes
+        ),
         stages=observability.stages,
         metrics=observability.metrics,
         access_log=observability.AccessLog() if settings.logging.access_log else None,
+        identity=identity.resolver if identity else None,
+        assertions=identity.assertions if identity else None,
+        audit=audit.trail if audit is not None else None,
     )
-    return GatewayApp(pipeline, forwarder, reloader)
+    return GatewayApp(pipeline, forwarder, reloader, services)
+
+
+def _audit_ready(writer: AuditWriter) -> tuple[bool, str]:
+    # Spooling is still ready (nothing is lost); only a writer that cannot persist at all is not.
+    if not writer.healthy:
+        return False, "audit records cannot be written (store and spool both failing)"
+    return True, "audit store answers" if writer.store_ok else "audit store down: spooling locally"
+
+
+async def _ping(store: StateStore, description: str) -> tuple[bool, str]:
+    ok = await store.ping()
+    return ok, f"{description} {'answers' if ok else 'does not answer'}"
 
 
 def create_app() -> Any:

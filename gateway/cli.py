@@ -1,4 +1,4 @@
-"""`tabiji …`: the gateway's command line (serve, check-config, demo).
+"""`tabiji …`: the command line (serve, check-config, reload, demo, sessions, keys, audit).
 
 Exit codes: 0 ok, 1 a check failed, 2 usage error. Reads settings (with gateway.app, the only
 modules that do) and turns them into the serving options.
@@ -109,7 +109,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     # Build every object the gateway would build, so nothing fails later at start-up.
     from gateway.app import build_app
 
-    build_app(settings)
+    build_app(settings, dry_run=True)
     names = [route.name for route in settings.routes]
     if args.json:
         print(json.dumps({"ok": True, "routes": names}, ensure_ascii=False))
@@ -209,7 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080, help="the gateway's port (default 8080)")
     demo.add_argument("--upstream-port", type=int, default=9001, help="the demo app's port")
     demo.set_defaults(handler=cmd_demo)
+
+    from gateway.cli_admin import add_admin_parsers
+
+    add_admin_parsers(commands)
     return parser
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    """A subcommand that acts on the gateway's shared state: load the config, then run it."""
+    path = _config_path(args.config)
+    if path is None:
+        print(f"give --config FILE or set {CONFIG_ENV}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = _load_or_report(path, getattr(args, "json", False))
+    if settings is None:
+        return EXIT_FAILED
+    result: int = args.admin_handler(args, settings)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if getattr(args, "admin_handler", None) is not None:
+        return cmd_admin(args)
     result: int = args.handler(args)
     return result
 

@@ -257,7 +257,16 @@ class AssertionConfig(_Section):
     lifetime: Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, le=300)] = 120.0
 
 
-_AUDIT_REDACTABLE = Literal["client_ip", "user_email", "query", "country", "device_id"]
+class AuditRedaction(_Section):
+    """What the audit trail keeps of personal fields a town may not keep (README: Audit)."""
+
+    client_ip: Literal["keep", "truncate", "hash", "drop"] = "keep"  # truncate: /24 or /48
+    user_email: Literal["keep", "hash", "drop"] = "keep"  # hash: a stable pseudonym
+    user_subject: Literal["keep", "hash", "drop"] = "keep"
+    device_id: Literal["keep", "hash", "drop"] = "keep"
+    country: Literal["keep", "drop"] = "keep"
+    query: Literal["keep", "drop"] = "keep"
+    posture: Literal["keep", "drop"] = "keep"
 
 
 class AuditConfig(_Section):
@@ -274,7 +283,8 @@ class AuditConfig(_Section):
     checkpoint_export: NewPath | None = None  # a file the auditors keep (off the box)
     checkpoint_url: str | None = None
     tsa_url: str | None = None  # RFC 3161 time-stamping authority
-    redact: list[_AUDIT_REDACTABLE] = []
+    enabled: bool = True
+    redact: AuditRedaction = Field(default_factory=AuditRedaction)
     retention_days: Annotated[int, Field(ge=1)] | None = None
     view_policy: str | None = None  # the policy that guards /.tabiji/audit (e.g. auditors)
 

@@ -1,0 +1,84 @@
+"""Composition root, audit part: settings → audit store, checkpoint key, writer, trail, services.
+
+Part of gateway.app (it reads settings; no stage imports it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.app_services import Service
+from gateway.audit.checkpoint import Checkpointer, load_private_key
+from gateway.audit.redact import Redactor
+from gateway.audit.store import AuditStore, open_audit_store
+from gateway.audit.trail import AuditTrail
+from gateway.audit.writer import AuditWriter
+from gateway.settings import GatewaySettings
+
+
+@dataclass
+class AuditParts:
+    """What gateway.app needs from the audit side."""
+
+    store: AuditStore
+    writer: AuditWriter
+    trail: AuditTrail
+    services: list[Service] = field(default_factory=list)
+
+
+def redactor_from(settings: GatewaySettings) -> Redactor:
+    """The town's redaction choices as the writer applies them."""
+    r = settings.audit.redact
+    return Redactor(
+        client_ip=r.client_ip,
+        user_email=r.user_email,
+        user_subject=r.user_subject,
+        device_id=r.device_id,
+        country=r.country,
+        query=r.query,
+        posture=r.posture,
+    )
+
+
+def build_audit(settings: GatewaySettings, *, dry_run: bool) -> AuditParts:
+    """The audit writer of this worker (one chain per worker process), unstarted."""
+    audit = settings.audit
+    store = open_audit_store(audit.store, audit.key_file.parent)
+    checkpointer = None
+    if not dry_run:
+        checkpointer = Checkpointer(
+            load_private_key(audit.key_file, create=True),
+            export_path=audit.checkpoint_export,
+            interval=audit.checkpoint_interval,
+            url=audit.checkpoint_url,
+            tsa_url=audit.tsa_url,
+        )
+    writer = AuditWriter(
+        store,
+        mode=audit.durability,
+        flush_interval=audit.flush_interval,
+        spool_dir=audit.spool_dir,
+        fail_closed=audit.fail_closed,
+        checkpointer=checkpointer,
+        redactor=redactor_from(settings),
+    )
+    parts = AuditParts(store=store, writer=writer, trail=AuditTrail(writer))
+
+    async def start() -> None:
+        try:
+            await store.open()
+        except Exception:
+            # Unreachable now: the writer spools and drains when the store returns.
+            import logging
+
+            logging.getLogger("tabiji.audit").exception("audit store unavailable at start")
+        await writer.start()
+
+    async def stop() -> None:
+        try:
+            await writer.close()  # flushes everything and writes the closing checkpoint
+        finally:
+            await store.close()
+
+    parts.services = [Service("audit", start, stop)]
+    return parts
