@@ -63,17 +63,6 @@ class LoginRequired(GatewayError):
         self.reasons = ("user-unauthenticated",)
 
 
-class IdentityRejected(GatewayError):
-    """A presented credential (bearer token) is invalid; `reason` is its precise code."""
-
-    code = "identity-rejected"
-    status = 401
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(detail or reason)
-        self.reasons = (reason,)
-
-
 class AuditUnavailable(GatewayError):
     """`audit.fail_closed` is on and records cannot be written durably: nothing is served."""
 

@@ -42,6 +42,18 @@ _PROXY_ONLY = frozenset({b"x-forwarded-port"})
 _ALWAYS_DROPPED = HOP_BY_HOP | _GATEWAY_WRITTEN | {b"expect", b"x-real-ip"}
 _DROP_UNTRUSTED = _ALWAYS_DROPPED | _PROXY_ONLY
 _TABIJI_PREFIX = b"x-tabiji-"  # the gateway's own namespace: never accepted from a client
+# The gateway's own cookies (session, login binding) are credentials for the gateway only: an
+# upstream (or anyone who can read its logs) must never receive them.
+_OUR_COOKIE = re.compile(r"^\s*(?:__Host-)?tabiji-[a-z-]*\s*=", re.IGNORECASE)
+
+
+def strip_gateway_cookies(value: str) -> str:
+    """The Cookie header without the gateway's own cookies ("" when nothing else is left)."""
+    return "; ".join(
+        part.strip() for part in value.split(";") if part.strip() and not _OUR_COOKIE.match(part)
+    )
+
+
 _RESPONSE_DROPPED = HOP_BY_HOP | {b"x-request-id"}
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
@@ -115,6 +127,11 @@ def upstream_request_headers(
         if name in drop or name.startswith(_TABIJI_PREFIX):
             if name == b"connection":
                 connection = [value] if connection is None else [*connection, value]
+            continue
+        if name == b"cookie" and b"tabiji-" in value.lower():
+            kept = strip_gateway_cookies(_decode(value))
+            if kept:
+                append(("cookie", kept))
             continue
         try:
             append((name.decode("latin-1"), value.decode()))

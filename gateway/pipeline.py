@@ -21,13 +21,13 @@ from gateway.errors import (
     AuditUnavailable,
     BadRequestTarget,
     GatewayError,
-    IdentityRejected,
     LoginRequired,
     UnknownHost,
 )
 from gateway.forward import ClientDisconnected, Forwarder, ForwardResult, ResponseAborted
 from gateway.headers import new_request_id, upstream_request_headers
 from gateway.identity.model import Identity
+from gateway.identity.resolve import IdentityRejected
 from gateway.observability import AccessLog, request_id_var
 from gateway.pages import Pages, header_value, wants_json
 from gateway.peer import TrustedProxies, resolve_peer
@@ -121,7 +121,11 @@ _DENIALS = (AccessDenied, LoginRequired, IdentityRejected)
 def _record_refusal(outcome: Outcome, error: GatewayError) -> tuple[str, ...]:
     """Note a refusal in the outcome; returns its reason codes (policy reasons for a deny)."""
     reasons: tuple[str, ...] = getattr(error, "reasons", ())
-    outcome.reasons = reasons
+    if isinstance(error, IdentityRejected):
+        # Its code is the precise reason (token-expired…): on record, and the page's title.
+        outcome.reasons = (error.code,)
+    else:
+        outcome.reasons = reasons
     outcome.status, outcome.code = error.status, error.code
     outcome.decision = "deny" if isinstance(error, _DENIALS) else "error"
     if outcome.request_id == "-":
@@ -297,7 +301,7 @@ class Pipeline:
             if target.path == RESERVED_PREFIX or target.path.startswith(RESERVED_PREFIX + "/"):
                 # The gateway's own namespace on every host: served here, never forwarded.
                 outcome.route, outcome.decision = "tabiji", "internal"
-                await self._internal(scope, receive, send, target, outcome)
+                await self._internal(scope, receive, send, target, outcome, peer)
                 return
             stages.add("peer", t1 - t0)
             ctx, upstream_headers = await self._admit(
@@ -333,8 +337,14 @@ class Pipeline:
         finally:
             self._finish(scope, outcome)
 
-    async def _internal(
-        self, scope: Scope, receive: Receive, send: Send, target: Target, outcome: Outcome
+    async def _internal(  # noqa: PLR0917 — the request's pieces, handed on as they are
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        target: Target,
+        outcome: Outcome,
+        peer: Peer,
     ) -> None:
         status_holder: list[int] = []
 
@@ -349,6 +359,9 @@ class Pipeline:
         inner["raw_path"] = target.path.encode()
         inner["query_string"] = target.query.encode()
         inner["tabiji.request_id"] = outcome.request_id
+        # The client as the trusted proxies tell it: the login endpoints choose cookie names and
+        # redirect origins by it (a TLS-terminating proxy in front must not turn https into http).
+        inner["tabiji.peer"] = peer
         await self.internal_app(inner, receive, send_recording)
         outcome.status = status_holder[0] if status_holder else 0
 
@@ -378,7 +391,7 @@ class Pipeline:
             extra: list[tuple[bytes, bytes]] = []
             if isinstance(error, IdentityRejected):
                 # RFC 6750 §3: the client learns its token was refused, and why, in one code.
-                challenge = f'Bearer error="invalid_token", error_description="{error.reasons[0]}"'
+                challenge = f'{error.www_authenticate}, error_description="{error.code}"'
                 extra.append((b"www-authenticate", challenge.encode()))
             await self.pages.send_error(
                 send,
@@ -414,7 +427,12 @@ class Pipeline:
                 status=401,
                 code=error.code,
                 request_id=outcome.request_id,
-                request_headers=[*headers, (b"accept", b"application/json")],
+                # The client's own Accept (a fetch sends */*) is replaced, not appended to:
+                # the page renderer reads the first Accept header.
+                request_headers=[
+                    *(h for h in headers if h[0] not in (b"accept", b"x-requested-with")),
+                    (b"accept", b"application/json"),
+                ],
                 reasons=error.reasons,
                 https=https,
                 head_only=head_only,

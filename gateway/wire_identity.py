@@ -228,18 +228,20 @@ def build_identity(
     )
     limiter = RateLimiter(identity.rate_limit.per_minute, identity.rate_limit.burst)
     endpoint_routes: list[BaseRoute] = [_jwks_route(key_ring)]
-    endpoint_routes += identity_routes(
-        sessions=sessions,
-        providers=providers,
-        public_origin=settings.public_url,
-        route_for=_route_for(routes),
-        store=store,
-        pages=pages,
-        csrf=csrf,
-        limiter=limiter,
-        audit=audit,
-        labels=labels,
-    )
+    if providers:
+        # Bearer-only deployments (programs, no browser login) have no login endpoints.
+        endpoint_routes += identity_routes(
+            sessions=sessions,
+            providers=providers,
+            public_origin=settings.public_url,
+            route_for=_route_for(routes),
+            store=store,
+            pages=pages,
+            csrf=csrf,
+            limiter=limiter,
+            audit=audit,
+            labels=labels,
+        )
     parts = IdentityParts(
         store=store,
         store_description=describe_store(identity.session.store),

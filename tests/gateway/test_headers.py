@@ -186,3 +186,16 @@ def test_response_headers_drop_hop_by_hop_and_add_request_id() -> None:
         (b"set-cookie", b"b=2"),
         (b"x-request-id", b"rid-12345678"),
     ]
+
+
+def test_gateway_cookies_never_reach_the_upstream() -> None:
+    """The gateway's session and login cookies are removed; the app's own cookies pass."""
+    client = [
+        (b"cookie", b"__Host-tabiji-session=SECRET1; app=1; tabiji-login=SECRET2"),
+        (b"cookie", b"__HOST-TABIJI-SESSION=SECRET3"),
+        (b"cookie", b"theme=dark"),
+    ]
+    out = upstream_request_headers(client, peer=make_peer(), route=ROUTE, request_id="rid-12345678")
+    cookies = [value for name, value in out if name == "cookie"]
+    assert cookies == ["app=1", "theme=dark"]
+    assert not any("SECRET" in value for _, value in out)
