@@ -150,7 +150,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo.run import run_demo
 
-    return run_demo(port=args.port, upstream_port=args.upstream_port)
+    return run_demo(port=args.port, upstream_port=args.upstream_port, idp_port=args.idp_port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,12 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run a local demo (loopback only)",
         description=(
-            "Start the demo upstream 「庁内グループウェア」 and the gateway in front of it, all on "
-            "127.0.0.1, with the embedded defaults. Stop with Ctrl-C."
+            "Start the demo identity provider, the demo upstream 「庁内グループウェア」 and the "
+            "gateway in front of it, all on 127.0.0.1, with the embedded defaults (SQLite "
+            "sessions and audit). Stop with Ctrl-C."
         ),
     )
     demo.add_argument("--port", type=int, default=8080, help="the gateway's port (default 8080)")
     demo.add_argument("--upstream-port", type=int, default=9001, help="the demo app's port")
+    demo.add_argument(
+        "--idp-port",
+        type=int,
+        default=None,
+        help="the demo identity provider's port (default 9000, else any free port)",
+    )
     demo.set_defaults(handler=cmd_demo)
 
     from gateway.cli_admin import add_admin_parsers
