@@ -32,7 +32,7 @@ from gateway.settings import CONFIG_ENV, GatewaySettings, RouteConfig, load_sett
 from gateway.state.base import StateStore
 from gateway.web.catalogue import load_catalogue
 from gateway.web.endpoints import build_internal_app
-from gateway.wire_audit import build_audit
+from gateway.wire_audit import audit_view_routes, build_audit
 from gateway.wire_identity import build_identity
 from policies.geoip import GeoIP
 from policies.loader import load_policy_dir
@@ -190,6 +190,15 @@ def build_app(settings: GatewaySettings, *, dry_run: bool = False) -> GatewayApp
         extra_routes += identity.routes
         store = identity.store
         readiness.add("state", lambda: _ping(store, identity.store_description))
+    if audit is not None:
+        extra_routes += audit_view_routes(
+            settings,
+            audit,
+            holder=holder,
+            resolver=identity.resolver if identity else None,
+            pages=pages,
+            geoip=geoip,
+        )
     pipeline = Pipeline(
         routes=routes,
         trusted_proxies=TrustedProxies(list(settings.trusted_proxies)),

@@ -165,6 +165,26 @@ def cmd_keys(args: argparse.Namespace, settings: GatewaySettings) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace, settings: GatewaySettings) -> int:
+    """`tabiji audit …` on the store, key and checkpoint export the config names."""
+    from gateway.audit.cli import AuditCliConfig, run_audit
+    from gateway.wire_audit import redactor_from
+
+    audit = settings.audit
+    config = AuditCliConfig(
+        store_url=audit.store,
+        base_dir=audit.key_file.parent,
+        key_file=audit.key_file,
+        checkpoint_export=audit.checkpoint_export,
+        checkpoint_url=audit.checkpoint_url,
+        tsa_url=audit.tsa_url,
+        spool_dir=audit.spool_dir,
+        redactor=redactor_from(settings),
+        actor=_operator(),
+    )
+    return run_audit(args, config)
+
+
 def add_admin_parsers(commands: Any) -> None:
     """The `sessions` and `keys` subcommands (handlers take the loaded settings)."""
     sessions = commands.add_parser(
@@ -201,3 +221,11 @@ def add_admin_parsers(commands: Any) -> None:
     )
     keys.add_argument("--json", action="store_true", help="machine-readable output")
     keys.set_defaults(admin_handler=cmd_keys)
+
+    from gateway.audit.cli import add_audit_parser
+
+    def config_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--config", help=f"the gateway's YAML config (default: ${CONFIG_ENV})")
+
+    audit = add_audit_parser(commands, common=config_option)
+    audit.set_defaults(admin_handler=cmd_audit)

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from starlette.routing import BaseRoute
+
 from gateway.app_services import Service
 from gateway.audit.checkpoint import Checkpointer, load_private_key
+from gateway.audit.query import StoreReader
 from gateway.audit.redact import Redactor
 from gateway.audit.store import AuditStore, open_audit_store
 from gateway.audit.trail import AuditTrail
 from gateway.audit.writer import AuditWriter
+from gateway.decide import PolicyHolder
+from gateway.pages import Pages
 from gateway.settings import GatewaySettings
+from gateway.web.audit_view import audit_routes
+from gateway.web.guard import PolicyGuard, Resolver
+from policies.geoip import GeoIP
 
 
 @dataclass
@@ -23,6 +31,7 @@ class AuditParts:
     store: AuditStore
     writer: AuditWriter
     trail: AuditTrail
+    checkpointer: Checkpointer | None
     services: list[Service] = field(default_factory=list)
 
 
@@ -62,7 +71,9 @@ def build_audit(settings: GatewaySettings, *, dry_run: bool) -> AuditParts:
         checkpointer=checkpointer,
         redactor=redactor_from(settings),
     )
-    parts = AuditParts(store=store, writer=writer, trail=AuditTrail(writer))
+    parts = AuditParts(
+        store=store, writer=writer, trail=AuditTrail(writer), checkpointer=checkpointer
+    )
 
     async def start() -> None:
         try:
@@ -82,3 +93,31 @@ def build_audit(settings: GatewaySettings, *, dry_run: bool) -> AuditParts:
 
     parts.services = [Service("audit", start, stop)]
     return parts
+
+
+def audit_view_routes(
+    settings: GatewaySettings,
+    parts: AuditParts,
+    *,
+    holder: PolicyHolder,
+    resolver: Resolver | None,
+    pages: Pages,
+    geoip: GeoIP | None,
+) -> list[BaseRoute]:
+    """The auditors' pages, guarded by `audit.view_policy` (absent: no audit pages at all)."""
+    policy = settings.audit.view_policy
+    if policy is None:
+        return []
+    public_key = parts.checkpointer.public_key if parts.checkpointer is not None else None
+    reader = StoreReader(parts.store, public_key, settings.audit.checkpoint_export)
+    guard = PolicyGuard(
+        holder=holder,
+        policy=policy,
+        resource="tabiji-audit",
+        resolver=resolver,
+        pages=pages,
+        geoip=geoip,
+    )
+    return list(
+        audit_routes(reader=reader, pages=pages, access=guard, record_view=parts.trail.view)
+    )

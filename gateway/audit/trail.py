@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from gateway.audit.record import AuditEvent, Decision
+from gateway.audit.record import AuditEvent, Decision, Kind
 from gateway.audit.writer import AuditWriter
 
 log = logging.getLogger("tabiji.audit")
@@ -109,6 +109,16 @@ class AuditTrail:
 
     def admin(self, action: str, detail: Mapping[str, object], *, actor: str | None = None) -> None:
         """An administrative or identity event (login, logout, session revoke, reload…)."""
+        self._submit("admin", action, detail, actor)
+
+    def view(self, viewer: object, action: str, detail: Mapping[str, object]) -> None:
+        """An auditor's own look at the trail (a page, a record, an export) is a record too."""
+        actor = getattr(viewer, "email", None) or getattr(viewer, "subject", None)
+        self._submit("view", action, detail, actor)
+
+    def _submit(
+        self, kind: Kind, action: str, detail: Mapping[str, object], actor: str | None
+    ) -> None:
         from gateway.audit.writer import now_us
 
         clean: dict[str, str | int | float | bool | None] = {}
@@ -117,7 +127,7 @@ class AuditTrail:
             clean[key] = value if plain else str(value)  # type: ignore[assignment]  # plain: narrowed
         self.writer.submit(
             AuditEvent(
-                kind="admin",
+                kind=kind,
                 time_us=now_us(),
                 action=action,
                 actor=actor or _actor(detail),

@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -305,6 +305,7 @@ class IdentityEndpoints:
         *,
         status: int = 200,
         form: bool = False,
+        form_target: str | None = None,
         extra: Sequence[tuple[bytes, bytes]] = (),
         **context: Any,
     ) -> Response:
@@ -316,7 +317,29 @@ class IdentityEndpoints:
             # A form must post with its Origin: under `no-referrer` browsers send `Origin: null`
             # (Fetch §3.1 "serializing a request origin"), which the CSRF check refuses.
             headers = [(k, b"same-origin" if k == b"referrer-policy" else v) for k, v in headers]
+        if form_target is not None:
+            # CSP form-action also governs where the POST's redirect may go (CSP3 §6.4.1): the
+            # logout ends at the provider's end_session endpoint, so that origin is allowed too.
+            allow = f"form-action 'self' {form_target}".encode()
+            headers = [
+                (
+                    k,
+                    v.replace(b"form-action 'self'", allow)
+                    if k == b"content-security-policy"
+                    else v,
+                )
+                for k, v in headers
+            ]
         return _response(status, body, [*headers, *extra])
+
+    def _logout_target(self, provider: str) -> str | None:
+        """The origin of the provider's end_session endpoint, when logout will go there."""
+        known = self.providers.get(provider)
+        url = known.end_session_url(None, self.public_origin) if known is not None else None
+        if not url:
+            return None
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{parts.netloc}"
 
     def _redirect(
         self,
@@ -615,6 +638,7 @@ class IdentityEndpoints:
             where,
             "signed_in.html",
             form=True,
+            form_target=self._logout_target(identity.provider),
             identity=identity,
             provider_label=self.labels.get(identity.provider, identity.provider),
             groups=sorted(identity.groups),
@@ -639,6 +663,7 @@ class IdentityEndpoints:
             where,
             "logout.html",
             form=True,
+            form_target=self._logout_target(identity.provider),
             identity=identity,
             csrf=self.csrf.token(identity.session_hash, "logout"),
         )

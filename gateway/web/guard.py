@@ -1,0 +1,106 @@
+"""Guards the gateway's own pages (the audit view, later the admin pages) with a named policy.
+
+Who may look is itself a policy (e.g. group `auditors`): the requester's identity is resolved
+as for any request, and the policy engine decides. Must not import gateway.settings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Protocol
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from gateway.context import Peer
+from gateway.decide import PolicyHolder
+from gateway.identity.model import Identity
+from gateway.pages import Pages
+from gateway.web.audit_view import Viewer
+from policies.engine import evaluate
+from policies.geoip import GeoIP
+from policies.model import AccessRequest, Resource
+
+
+class Resolver(Protocol):
+    async def resolve(
+        self, headers: list[tuple[bytes, bytes]], authority: str, https: bool, now: float
+    ) -> Identity | None: ...
+
+
+class PolicyGuard:
+    """`await guard(request)` → the Viewer allowed in, or the response to send instead
+    (a login redirect when nobody is signed in, the refusal page with the policy's reasons)."""
+
+    def __init__(
+        self,
+        *,
+        holder: PolicyHolder,
+        policy: str,
+        resource: str,
+        resolver: Resolver | None,
+        pages: Pages,
+        geoip: GeoIP | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._holder = holder
+        self._policy = policy
+        self._resource = resource
+        self._resolver = resolver
+        self._pages = pages
+        self._geoip = geoip
+        self._clock = clock
+
+    async def __call__(self, request: Request) -> Viewer | Response:
+        peer: Peer | None = request.scope.get("tabiji.peer")
+        https = (peer.scheme if peer else request.url.scheme) == "https"
+        authority = peer.authority if peer else request.url.netloc
+        client_ip = peer.client_ip if peer else (request.client.host if request.client else "")
+        headers = list(request.scope["headers"])
+        now = self._clock()
+        identity = None
+        if self._resolver is not None:
+            identity = await self._resolver.resolve(headers, authority, https, now)
+        policy = self._holder.current.policy(self._policy)
+        if policy is None:  # fail closed: a guard whose policy vanished lets nobody in
+            return self._refuse(request, headers, https, ("policy-unknown",))
+        facts = AccessRequest(
+            resource=Resource(self._resource, authority, request.url.path, request.method),
+            subject=identity.subject_fact() if identity is not None else None,
+            source_ip=client_ip,
+            country=self._geoip.country(client_ip) if self._geoip and client_ip else None,
+        )
+        decision = evaluate(policy, facts, datetime.fromtimestamp(now, UTC))
+        if decision.allowed and identity is not None:
+            return Viewer(identity.issuer, identity.subject, identity.email, identity.name)
+        reasons = tuple(str(r) for r in decision.reasons) or ("user-unauthenticated",)
+        if identity is None:
+            scheme = "https" if https else "http"
+            back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(
+                f"{scheme}://{authority}/.tabiji/login?rd={quote(back, safe='')}", status_code=302
+            )
+        return self._refuse(request, headers, https, reasons)
+
+    def _refuse(
+        self,
+        request: Request,
+        headers: list[tuple[bytes, bytes]],
+        https: bool,
+        reasons: tuple[str, ...],
+    ) -> Response:
+        page_headers, body = self._pages.render_error(
+            status=403,
+            code="access-denied",
+            request_id=request.scope.get("tabiji.request_id", "-"),
+            request_headers=headers,
+            reasons=reasons,
+            https=https,
+        )
+        response = Response(body, status_code=403)
+        for name, value in page_headers:
+            response.headers[name.decode()] = value.decode()
+        return response
