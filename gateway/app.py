@@ -154,6 +154,7 @@ def build_app(settings: GatewaySettings, *, dry_run: bool = False) -> GatewayApp
     pages = Pages(load_catalogue())
     readiness = Readiness()
     readiness.add("config", lambda: (True, f"{len(routes.routes)} routes loaded"))
+    audit = build_audit(settings, dry_run=dry_run) if settings.audit.enabled else None
     policies = settings.policies
     holder = PolicyHolder(load_policy_dir(policies.dir) if policies else empty_policy_set())
     reloader = None
@@ -165,13 +166,13 @@ def build_app(settings: GatewaySettings, *, dry_run: bool = False) -> GatewayApp
             poll_interval=policies.poll_interval,
             use_events=policies.watch == "events",
             count=observability.count_policy_reload,
+            audit=audit.trail.admin if audit is not None else None,
         )
         readiness.add("policies", reloader.readiness)
     geoip = GeoIP(settings.geoip.database) if settings.geoip else None
     forwarder = Forwarder()
     services: list[Service] = []
     extra_routes: list[BaseRoute] = []
-    audit = build_audit(settings, dry_run=dry_run) if settings.audit.enabled else None
     if audit is not None:
         services += audit.services  # first up, last down: everything else may still record
         writer = audit.writer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import watchfiles
@@ -43,6 +43,7 @@ class PolicyReloader:
         use_events: bool = True,
         count: Callable[[str], None],
         loader: Callable[[Path], PolicySet] = load_policy_dir,
+        audit: Callable[[str, Mapping[str, object]], None] | None = None,
     ) -> None:
         self.directory = directory
         self.holder = holder
@@ -51,6 +52,7 @@ class PolicyReloader:
         self.use_events = use_events
         self._count = count
         self._loader = loader
+        self._audit = audit
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -75,15 +77,31 @@ class PolicyReloader:
             return True
         self.holder.current = candidate
         self._count("applied")
+        # A change of the policy set is an audit record: which hash decided from when on.
+        self._record(
+            "policy.reload",
+            {"old_hash": previous.content_hash, "new_hash": candidate.content_hash},
+        )
         log.info(
             "policy set reloaded",
             extra={"old_hash": previous.content_hash, "new_hash": candidate.content_hash},
         )
         return True
 
+    def _record(self, action: str, detail: Mapping[str, object]) -> None:
+        if self._audit is not None:
+            try:
+                self._audit(action, {**detail, "directory": str(self.directory)})
+            except Exception:
+                log.exception("could not record %s", action)
+
     def _reject(self, message: str) -> bool:
         self.last_error = message
         self._count("rejected")
+        self._record(
+            "policy.reload-refused",
+            {"error": message[:500], "hash": self.holder.current.content_hash},
+        )
         log.error(
             "policy reload refused; the last good set stays in force",
             extra={"error": message, "hash": self.holder.current.content_hash},

@@ -132,3 +132,30 @@ async def test_reload_stamp_triggers_a_reload(tmp_path: Path) -> None:
         assert counted.results == ["unchanged"]
     finally:
         await reloader.stop()
+
+
+@pytest.mark.anyio
+async def test_reloads_and_refusals_are_audit_records(tmp_path: Path) -> None:
+    """A swapped-in set records old and new hash; a refused one records the error and the hash
+    that stays in force (a change of policy is evidence an auditor needs)."""
+    (tmp_path / "policies.yaml").write_text(GOOD, encoding="utf-8")
+    recorded: list[tuple[str, dict[str, object]]] = []
+    reloader = PolicyReloader(
+        directory=tmp_path,
+        holder=PolicyHolder(load_policy_dir(tmp_path)),
+        required=frozenset({"app"}),
+        poll_interval=0.1,
+        count=Counted(),
+        audit=lambda action, detail: recorded.append((action, dict(detail))),
+    )
+    old = reloader.holder.current.content_hash
+    (tmp_path / "policies.yaml").write_text(CHANGED, encoding="utf-8")
+    assert await reloader.reload()
+    new = reloader.holder.current.content_hash
+    (tmp_path / "policies.yaml").write_text(GOOD + "    gruop: staff\n", encoding="utf-8")
+    assert not await reloader.reload()
+    assert [action for action, _ in recorded] == ["policy.reload", "policy.reload-refused"]
+    assert recorded[0][1]["old_hash"] == old
+    assert recorded[0][1]["new_hash"] == new
+    assert recorded[1][1]["hash"] == new
+    assert "policies.yaml:5" in str(recorded[1][1]["error"])
