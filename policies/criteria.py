@@ -538,7 +538,9 @@ def _mfa(arg: object, ctx: CompileContext, path: PathKey) -> Criterion | None:
             return None
         amr = frozenset(text for text, _ in amr_texts)
         acr = frozenset(text for text, _ in acr_texts)
-        words += f" (amr {_words(sorted(amr))}; acr {_words(sorted(acr))})"
+        # Only the lists IT wrote: an empty one has no words (and `mfa: {amr: [otp]}` is valid).
+        listed = [(name, values) for name, values in (("amr", amr), ("acr", acr)) if values]
+        words += " (" + "; ".join(f"{name} {_words(sorted(v))}" for name, v in listed) + ")"
     elif not _true_only("mfa", arg, ctx, path):
         return None
     fail = _one(Reason.MFA_REQUIRED)

@@ -262,7 +262,9 @@ function send(res, status, type, body) {
   res.writeHead(status, {
     'content-type': type,
     'cache-control': 'no-store',
-    'content-security-policy': "default-src 'none'; form-action 'self'; frame-ancestors 'none'",
+    // form-action also governs the redirect after a post (CSP3): consent sends the browser back to
+    // the relying party, which in these tests lives on loopback.
+    'content-security-policy': "default-src 'none'; form-action 'self' https://127.0.0.1:* https://localhost:*; frame-ancestors 'none'",
   });
   res.end(body);
 }
