@@ -113,6 +113,9 @@ class Outcome:
     peer: Peer | None = None
     country: str | None = None
     finished_ns: int = 0
+    method: str = ""  # from the request line, kept for refusals made before routing
+    target: Target | None = None
+    client_ip: str = ""  # the socket's peer, until a Peer is resolved
 
 
 _DENIALS = (AccessDenied, LoginRequired, IdentityRejected)
@@ -285,19 +288,22 @@ class Pipeline:
         """One HTTP request: refuse it with a page, hand it to our own endpoints, or forward it."""
         t0 = perf_counter_ns()
         now = time()
-        outcome = Outcome(now, t0)
+        outcome = Outcome(now, t0, method=scope.get("method", ""))
         headers = scope["headers"]
         https = scope.get("scheme") == "https"
         self.metrics.request_started()
         stages = self.stages
         try:
+            client = scope.get("client")
+            if client:
+                outcome.client_ip = client[0]
             peer = self._peer(scope)
             outcome.peer = peer
             https = peer.scheme == "https"
             outcome.request_id = new_request_id(headers, peer.via_trusted_proxy)
             request_id_var.set(outcome.request_id)  # every log line of this request carries it
             t1 = perf_counter_ns()
-            target = self._target(scope, peer)
+            target = outcome.target = self._target(scope, peer)
             if target.path == RESERVED_PREFIX or target.path.startswith(RESERVED_PREFIX + "/"):
                 # The gateway's own namespace on every host: served here, never forwarded.
                 outcome.route, outcome.decision = "tabiji", "internal"
@@ -489,17 +495,20 @@ class Pipeline:
         """A WebSocket handshake goes through the same stages; only routes that allow them relay."""
         started_ns = perf_counter_ns()
         now = time()
-        outcome = Outcome(now, started_ns)
+        outcome = Outcome(now, started_ns, method=scope.get("method", "GET"))
         headers = scope["headers"]
         https = scope.get("scheme") == "wss"
         self.metrics.request_started()
         try:
+            client = scope.get("client")
+            if client:
+                outcome.client_ip = client[0]
             peer = self._peer(scope)
             outcome.peer = peer
             https = peer.scheme in {"https", "wss"}
             outcome.request_id = new_request_id(headers, peer.via_trusted_proxy)
             request_id_var.set(outcome.request_id)  # every log line of this request carries it
-            target = self._target(scope, peer)
+            target = outcome.target = self._target(scope, peer)
             if target.path == RESERVED_PREFIX or target.path.startswith(RESERVED_PREFIX + "/"):
                 raise UnknownHost("the gateway's own endpoints take no WebSockets")
             ctx, upstream_headers = await self._admit(
