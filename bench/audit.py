@@ -199,8 +199,9 @@ def main(argv: list[str]) -> int:
     lost = rate * FLUSH_INTERVAL
     print()
     print(
-        f"batched into SQLite: median {rate:,.0f} records/s (target ≥ {TARGET_PER_S:,}); "
-        f"machine load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"batched into SQLite: median {rate:,.0f} records/s (spread {min(sqlite_batched):,.0f}–"
+        f"{max(sqlite_batched):,.0f} over {len(sqlite_batched)} rounds; target ≥ "
+        f"{TARGET_PER_S:,}); machine load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(
         f"crash window (batched): at most one flush interval ({FLUSH_INTERVAL * 1000:.0f} ms) "

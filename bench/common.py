@@ -301,8 +301,11 @@ class Probe:
     body: bytes
 
 
-def http_get(url: str, host: str | None = None, timeout: float = 3.0) -> Probe:
-    """GET `url` (optionally with another Host header) without following redirects."""
+def http_get(
+    url: str, host: str | None = None, timeout: float = 3.0, headers: Sequence[str] = ()
+) -> Probe:
+    """GET `url` (optionally with another Host header and "Name: value" headers) without
+    following redirects."""
 
     class _NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args: Any, **kwargs: Any) -> None:
@@ -312,6 +315,9 @@ def http_get(url: str, host: str | None = None, timeout: float = 3.0) -> Probe:
     req = urllib.request.Request(url)  # noqa: S310 -- the bench builds only http://127.0.0.1 URLs
     if host:
         req.add_header("Host", host)
+    for header in headers:
+        name, _, value = header.partition(":")
+        req.add_header(name.strip(), value.strip())
     try:
         with opener.open(req, timeout=timeout) as resp:
             return Probe(status=resp.status, body=resp.read())
@@ -541,6 +547,7 @@ def run_wrk(
     connections: int,
     threads: int = 1,
     host: str | None = None,
+    headers: Sequence[str] = (),
     cpu_root: int | None = None,
     other_roots: Sequence[int] = (),
     timeout_s: float = 5.0,
@@ -561,6 +568,8 @@ def run_wrk(
     ]
     if host:
         cmd += ["-H", f"Host: {host}"]
+    for header in headers:  # e.g. "Cookie: tabiji-session=…" for the authenticated case
+        cmd += ["-H", header]
     cmd.append(url)
     roots = [r for r in (cpu_root, *other_roots) if r]
     server_before = cpu_seconds(cpu_root) if cpu_root else 0.0

@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -54,8 +55,16 @@ from bench.common import (
 TARGET_1K_RATIO = 0.25
 TARGET_1K_P99_MS = 15.0
 TARGET_1M_RATIO = 0.5
+# Issue 4 (speed): the whole authorised request (session + policy + assertion + audit) ≥ 0.2×.
+TARGET_AUTH_RATIO = 0.2
+# Issue 5 point 7: the core case with audit on stays within 10% of audit off.
+TARGET_AUDIT_RATIO = 0.9
 
 BENCH_HOST = "bench.localhost"
+# The authenticated route's host is also the gateway's public URL host, so a main session (the
+# one a login creates at the public URL) is valid there without a hand-off.
+AUTH_HOST = "auth.localhost"
+AUTH_POLICY = "bench-staff"
 STAGE_SECONDS = "tabiji_stage_seconds_total"
 STAGE_CALLS = "tabiji_stage_calls_total"
 SETTLE_STEP_S = 1.1  # longer than the gateway's 1 s flush interval, so a flush lies between
@@ -76,7 +85,9 @@ CASES = {
     "1k": Case("1k", "/", KIB, "1 KiB response"),
     "1m": Case("1m", "/1m", MIB, "1 MiB response"),
 }
-TARGET_NAMES = ("direct", "nginx", "tabiji")
+TARGET_NAMES = ("direct", "nginx", "tabiji", "tabiji-auth", "tabiji-noaudit")
+# The extra gateway cases answer questions about the 1 KiB request path only.
+ONLY_1K = ("tabiji-auth", "tabiji-noaudit")
 
 
 @dataclass
@@ -88,6 +99,7 @@ class Target:
     host: str
     cpu_root: int
     metrics_url: str | None = None
+    headers: tuple[str, ...] = ()  # extra request headers ("Cookie: …")
 
 
 @dataclass
@@ -140,21 +152,90 @@ def _start_nginx_proxy(work: Path, upstream_port: int, workers: int) -> tuple[Se
     return server, port
 
 
-def gateway_config(port: int, metrics_port: int, upstream_port: int) -> str:
-    """The gateway's YAML: one public route to the upstream, chosen by Host."""
-    return f"""\
+POLICY_YAML = f"""\
+# Written by `python -m bench proxy`: the authenticated route needs a signed-in member of staff.
+policies:
+  - name: {AUTH_POLICY}
+    allow:
+      all:
+        - group: staff
+"""
+
+
+def gateway_config(
+    port: int, metrics_port: int, upstream_port: int, state: Path | None = None, audit: bool = True
+) -> str:
+    """The gateway's YAML: a public route to the upstream, chosen by Host; with `state` (a work
+    dir) also identity (one provider, never contacted: discovery happens only at login) and an
+    authenticated route on the public URL's host; `audit=False` turns the audit trail off."""
+    if state is None:
+        return f"""\
 # Written by `python -m bench proxy`: one public route in front of the nginx upstream.
 listen: {{host: 127.0.0.1, port: {port}}}
 public_url: http://127.0.0.1:{port}
 trusted_proxies: []
 metrics: {{listen: {{host: 127.0.0.1, port: {metrics_port}}}}}
 logging: {{level: warning}}
+audit: {{enabled: {str(audit).lower()}}}
 routes:
   - name: bench-public
     from: http://{BENCH_HOST}:{port}
     to: http://127.0.0.1:{upstream_port}
     public: true
 """
+    return f"""\
+# Written by `python -m bench proxy`: a public route and an authenticated one (group staff, a
+# session cookie) in front of the nginx upstream; audit {"on (batched SQLite)" if audit else "off"}.
+listen: {{host: 127.0.0.1, port: {port}}}
+public_url: http://{AUTH_HOST}:{port}
+trusted_proxies: []
+metrics: {{listen: {{host: 127.0.0.1, port: {metrics_port}}}}}
+logging: {{level: warning}}
+policies: {{dir: {state / "policies"}, watch: poll, poll_interval: 60s}}
+identity:
+  providers:
+    - name: bench
+      issuer: https://idp.bench.invalid
+      client_id: tabiji-bench
+      client_secret_file: {state / "client.secret"}
+  session: {{store: "sqlite:///{state / "state.db"}"}}
+assertion: {{key_dir: {state / "assertion-keys"}}}
+audit:
+  enabled: {str(audit).lower()}
+  store: "sqlite:///{state / "audit.db"}"
+  spool_dir: {state / "audit-spool"}
+  key_file: {state / "audit-key.pem"}
+routes:
+  - name: bench-public
+    from: http://{BENCH_HOST}:{port}
+    to: http://127.0.0.1:{upstream_port}
+    public: true
+  - name: bench-auth
+    from: http://{AUTH_HOST}:{port}
+    to: http://127.0.0.1:{upstream_port}
+    policy: {AUTH_POLICY}
+"""
+
+
+def _prepare_state(gw: Path) -> None:
+    """The files the identity config names: policies, a client secret (never sent anywhere)."""
+    (gw / "policies").mkdir()
+    (gw / "policies" / "bench.yaml").write_text(POLICY_YAML)
+    secret = gw / "client.secret"
+    secret.write_text("bench-client-secret-never-used\n")
+    secret.chmod(0o600)
+
+
+def _create_session(gw: Path, port: int, env: dict[str, str]) -> str:
+    """A signed-in session in the gateway's state store (through the gateway's own code, in a
+    subprocess: this module never imports gateway); returns the cookie id."""
+    store = f"sqlite:///{gw / 'state.db'}"
+    cmd = [sys.executable, "-m", "bench._session", store, f"{AUTH_HOST}:{port}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, check=False)
+    cookie = done.stdout.strip()
+    if done.returncode or not cookie:
+        raise BenchError(f"could not create the bench session: {done.stderr.strip()[-2000:]}")
+    return cookie
 
 
 def _gateway_cmd(
@@ -182,32 +263,74 @@ def _gateway_cmd(
 
 
 def _start_gateway(
-    args: argparse.Namespace, work: Path, upstream_port: int, stack: contextlib.ExitStack
-) -> tuple[Target, Server]:
-    """Start the gateway and check it forwards; BenchError('gateway not available: …') if not."""
+    args: argparse.Namespace,
+    work: Path,
+    upstream_port: int,
+    stack: contextlib.ExitStack,
+    *,
+    name: str = "tabiji",
+    audit: bool = True,
+) -> tuple[list[Target], Server]:
+    """Start a gateway and check it forwards; BenchError('gateway not available: …') if not.
+
+    Its targets: the public route (`name`), and with identity (`--auth`, the default command)
+    the authenticated route as `name`-auth, with a session created before the run.
+    """
     if args.gateway_cmd is None and not (REPO / "gateway" / "cli.py").exists():
         raise BenchError(f"gateway not available: {REPO / 'gateway' / 'cli.py'} does not exist yet")
-    gw = work / "gateway"
+    gw = work / name
     gw.mkdir()
     port, metrics_port = free_port(), free_port()
     config = gw / "gateway.yaml"
-    config.write_text(gateway_config(port, metrics_port, upstream_port))
+    with_identity = args.auth and args.gateway_cmd is None
+    if with_identity:
+        _prepare_state(gw)
+    config.write_text(
+        gateway_config(port, metrics_port, upstream_port, gw if with_identity else None, audit)
+    )
     cmd = _gateway_cmd(args.gateway_cmd, config, port, metrics_port, args.workers)
     # The repo root first on the path: the checkout under test, whether or not it is pip-installed.
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": pythonpath, "TABIJI_CONFIG": str(config)}
-    log(f"starting gateway: {shlex.join(cmd)}")
-    server = start_server("gateway", cmd, gw / "gateway.log", cwd=REPO, env=env)
+    log(f"starting gateway ({name}): {shlex.join(cmd)}")
+    server = start_server(name, cmd, gw / "gateway.log", cwd=REPO, env=env)
     stack.callback(server.stop, args.grace)
     base = f"http://127.0.0.1:{port}"
     host = f"{BENCH_HOST}:{port}"
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    targets = [Target(name, base, host, server.pid, metrics_url)]
     try:
         _check_gateway(server, base, host, args.start_timeout)
+        if with_identity and audit:
+            cookie = _create_session(gw, port, env)
+            auth = Target(
+                f"{name}-auth",
+                base,
+                f"{AUTH_HOST}:{port}",
+                server.pid,
+                metrics_url,
+                headers=(f"Cookie: tabiji-session={cookie}",),
+            )
+            _check_route(auth)
+            targets.append(auth)
     except BenchError:
         server.stop(args.grace)  # no use keeping it running through the other targets
         raise
-    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    return Target("tabiji", base, host, server.pid, metrics_url), server
+    return targets, server
+
+
+def _check_route(t: Target) -> None:
+    """The authenticated route forwards the 1 KiB body for the session (never a login page)."""
+    try:
+        probe = http_get(t.base + "/", host=t.host, timeout=10, headers=t.headers)
+    except (OSError, http.client.HTTPException) as err:
+        raise BenchError(f"gateway not available: GET / ({t.name}) failed: {err}") from err
+    if probe.status != 200 or len(probe.body) != KIB:
+        raise BenchError(
+            f"gateway not available: GET / with Host {t.host} and the session cookie answered "
+            f"{probe.status} with {len(probe.body)} bytes (want 200 with {KIB}); "
+            f"body starts {probe.body[:200]!r}"
+        )
 
 
 def _check_gateway(server: Server, base: str, host: str, timeout: float) -> None:
@@ -283,13 +406,20 @@ def _measure(
 ) -> None:
     for case_name in args.case:
         case = CASES[case_name]
-        report.runs[case_name] = {t.name: [] for t in targets}
-        for t in targets:
+        case_targets = [t for t in targets if case_name == "1k" or t.name not in ONLY_1K]
+        report.runs[case_name] = {t.name: [] for t in case_targets}
+        for t in case_targets:
             # Warm-up: fill keep-alive pools and caches so run 1 is not an outlier.
-            run_wrk(t.base + case.path, duration=1, connections=args.connections, host=t.host)
+            run_wrk(
+                t.base + case.path,
+                duration=1,
+                connections=args.connections,
+                host=t.host,
+                headers=t.headers,
+            )
         for i in range(args.runs):
             # Interleave targets run by run, so drift on the machine hits all of them alike.
-            for t in targets:
+            for t in case_targets:
                 server = servers[t.name]
                 if not server.alive():
                     raise BenchError(f"{server.name} died; last log lines:\n{server.log_tail()}")
@@ -299,6 +429,7 @@ def _measure(
                     duration=args.duration,
                     connections=args.connections,
                     host=t.host,
+                    headers=t.headers,
                     cpu_root=t.cpu_root,
                     other_roots=[upstream_pid] if t.cpu_root != upstream_pid else [],
                 )
@@ -314,7 +445,7 @@ def _measure(
                         run.stage_calls = _delta(calls_a, calls_b)
                 report.runs[case_name][t.name].append(run)
                 log(
-                    f"  {case_name} run {i + 1}/{args.runs} {t.name:<7} "
+                    f"  {case_name} run {i + 1}/{args.runs} {t.name:<14} "
                     f"{result.rps:>10,.0f} req/s  p99 {result.p99_us / 1000:6.2f} ms  "
                     f"{result.mib_s:8,.1f} MiB/s  errors {result.errors}"
                 )
@@ -371,19 +502,26 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> Report:
         targets.append(
             Target("nginx", f"http://127.0.0.1:{px_port}", f"{BENCH_HOST}:{px_port}", proxy.pid)
         )
-    if "tabiji" in args.targets:
+    gateways = [("tabiji", True)] if "tabiji" in args.targets else []
+    if "tabiji-noaudit" in args.targets:
+        gateways.append(("tabiji-noaudit", False))
+    for name, audit in gateways:
         try:
-            gw, gw_server = _start_gateway(args, work, up_port, stack)
+            found, gw_server = _start_gateway(args, work, up_port, stack, name=name, audit=audit)
         except BenchError as err:
             if not str(err).startswith("gateway not available"):
                 raise
             log(str(err))
             report.notes.append(str(err))
-        else:
-            log(f"gateway on {gw.base} (pid {gw.cpu_root}, {args.workers} workers)")
+            continue
+        gw = found[0]
+        log(f"gateway {name} on {gw.base} (pid {gw.cpu_root}, {args.workers} workers)")
+        if name == "tabiji":
             report.gateway_rss_idle = rss_bytes(gw.cpu_root)
-            servers["tabiji"] = gw_server
-            targets.append(gw)
+        for t in found:
+            if t.name in args.targets:
+                servers[t.name] = gw_server
+                targets.append(t)
     if not targets:
         raise BenchError("nothing to measure: every target is disabled or unavailable")
     _measure(args, targets, servers, upstream.pid, report)
@@ -408,8 +546,12 @@ class Check:
 
 
 def _best_ratio(report: Report, case: str) -> float:
-    tabiji, nginx = report.best(case, "tabiji"), report.best(case, "nginx")
-    return tabiji.wrk.rps / nginx.wrk.rps if tabiji and nginx else float("nan")
+    return _best_pair(report, case, "tabiji", "nginx")
+
+
+def _best_pair(report: Report, case: str, a: str, b: str) -> float:
+    first, second = report.best(case, a), report.best(case, b)
+    return first.wrk.rps / second.wrk.rps if first and second else float("nan")
 
 
 def checks(report: Report) -> list[Check]:
@@ -431,6 +573,31 @@ def checks(report: Report) -> list[Check]:
         out.append(
             Check(
                 "1 KiB p99", f"{p99:.2f} ms", f"<= {TARGET_1K_P99_MS:g} ms", p99 <= TARGET_1K_P99_MS
+            )
+        )
+    ta = report.median("1k", "tabiji-auth")
+    if ta and n1:
+        ratio = ta.wrk.rps / n1.wrk.rps
+        best = _best_pair(report, "1k", "tabiji-auth", "nginx")
+        out.append(
+            Check(
+                "1 KiB authenticated req/s ratio",
+                f"{ratio:.3f} (best runs: {best:.3f})",
+                f">= {TARGET_AUTH_RATIO}",
+                ratio >= TARGET_AUTH_RATIO,
+            )
+        )
+    tn = report.median("1k", "tabiji-noaudit")
+    if t1 and tn:
+        ratio = t1.wrk.rps / tn.wrk.rps
+        best = _best_pair(report, "1k", "tabiji", "tabiji-noaudit")
+        out.append(
+            Check(
+                "1 KiB audit on / audit off req/s",
+                f"{ratio:.3f} (best runs: {best:.3f}; CPU µs/req {fmt(t1.wrk.cpu_us_per_req, 1)}"
+                f" vs {fmt(tn.wrk.cpu_us_per_req, 1)})",
+                f">= {TARGET_AUDIT_RATIO}",
+                ratio >= TARGET_AUDIT_RATIO,
             )
         )
     tm, nm = report.median("1m", "tabiji"), report.median("1m", "nginx")
@@ -473,11 +640,38 @@ def _render_case(report: Report, case_name: str, show_latency: bool) -> list[str
     return ["", f"{case.label} (GET {case.path})", table(headers, rows)]
 
 
-def _render_stages(report: Report, case_name: str) -> list[str]:
-    r = report.median(case_name, "tabiji")
+def _stage_us(run: Run) -> dict[str, float]:
+    if run.stage_seconds is None:
+        return {}
+    return {k: v / run.wrk.requests * 1e6 for k, v in run.stage_seconds.items()}
+
+
+def _render_auth_cost(report: Report) -> list[str]:
+    """What signing in costs per request: the authenticated route minus the public one."""
+    pub, auth = report.median("1k", "tabiji"), report.median("1k", "tabiji-auth")
+    if pub is None or auth is None:
+        return []
+    sp, sa = _stage_us(pub), _stage_us(auth)
+    rows = [
+        [stage, fmt(sp.get(stage), 1), fmt(sa.get(stage), 1), fmt(sa[stage] - sp.get(stage, 0), 1)]
+        for stage in sa
+    ]
+    cp, ca = pub.wrk.cpu_us_per_req, auth.wrk.cpu_us_per_req
+    rows.append(["(process CPU)", fmt(cp, 1), fmt(ca, 1), fmt(ca - cp if ca and cp else None, 1)])
+    return [
+        "",
+        "authenticated vs public request, 1k (median runs; µs of gateway CPU per request):",
+        table(["stage", "public", "authenticated", "difference"], rows),
+        "  identity = session cookie lookup (cached), decide = policy with a subject, "
+        "headers = X-Tabiji-Assertion (minted once per user/route, reused) + header hygiene",
+    ]
+
+
+def _render_stages(report: Report, case_name: str, target: str = "tabiji") -> list[str]:
+    r = report.median(case_name, target)
     if r is None:
         return []
-    out = ["", f"gateway CPU by stage, {case_name} (median run):"]
+    out = ["", f"gateway CPU by stage, {case_name}, {target} (median run):"]
     if r.stage_seconds is None:
         return [*out, f"  - no {STAGE_SECONDS} on the metrics listener; skipped"]
     reqs = r.wrk.requests
@@ -524,7 +718,10 @@ def render(report: Report, show_latency: bool) -> str:
     for c in found:
         out.append(f"  {c.what}: {c.value} (target {c.target}) {'ok' if c.ok else 'MISSED'}")
     for case_name in report.runs:
-        out += _render_stages(report, case_name)
+        for name in report.runs[case_name]:
+            if name.startswith("tabiji"):
+                out += _render_stages(report, case_name, name)
+    out += _render_auth_cost(report)
     if report.gateway_rss_idle:
         out += ["", f"gateway RSS idle: {_rss_text(report.gateway_rss_idle)}"]
     if report.gateway_rss_after_1m:
@@ -596,6 +793,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--no-direct", action="store_true", help="skip wrk straight at the upstream")
     p.add_argument("--no-nginx-proxy", action="store_true", help="skip the nginx reference proxy")
     p.add_argument("--no-tabiji", action="store_true", help="skip the gateway")
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="skip the authenticated case (session cookie, policy, assertion; 1 KiB only)",
+    )
+    p.add_argument(
+        "--no-audit-off",
+        action="store_true",
+        help="skip the second gateway with audit off (the audit on/off ratio; 1 KiB only)",
+    )
     p.add_argument("--workers", type=int, default=2, help="gateway workers (2)")
     p.add_argument("--nginx-workers", type=int, help="nginx proxy workers (default: --workers)")
     p.add_argument(
@@ -618,13 +825,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--runs, --duration and --connections must be at least 1")
     args.case = args.case or list(CASES)
     args.nginx_workers = args.nginx_workers or args.workers
-    args.targets = [
-        name
-        for name, off in zip(
-            TARGET_NAMES, (args.no_direct, args.no_nginx_proxy, args.no_tabiji), strict=True
-        )
-        if not off
-    ]
+    args.auth = not (args.no_auth or args.no_tabiji)
+    offs = (
+        args.no_direct,
+        args.no_nginx_proxy,
+        args.no_tabiji,
+        not args.auth,
+        args.no_audit_off or args.no_tabiji,
+    )
+    args.targets = [name for name, off in zip(TARGET_NAMES, offs, strict=True) if not off]
     return args
 
 

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from gateway.context import RequestContext
+from gateway.identity.model import Identity
 from policies.engine import PolicySet, evaluate
 from policies.geoip import GeoIP
-from policies.model import AccessRequest, Resource
+from policies.model import AccessRequest, Resource, Subject
 
 NO_POLICY_HASH = "none"
+SUBJECT_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,21 @@ class PolicyDecider:
         self.holder = holder
         self.geoip = geoip
         self._public: tuple[PolicySet, Verdict] | None = None
+        # The policy's view of a user, made once per Identity object: sessions and bearer
+        # tokens hand out the same (frozen) Identity on every request until it changes.
+        # Keyed by id(); the value holds the Identity itself, so the id cannot be reused
+        # by another object while the entry lives.
+        self._subjects: dict[int, tuple[Identity, Subject]] = {}
+
+    def _subject(self, identity: Identity) -> Subject:
+        cached = self._subjects.get(id(identity))
+        if cached is not None and cached[0] is identity:
+            return cached[1]
+        subject = identity.subject_fact()
+        if len(self._subjects) >= SUBJECT_CACHE_SIZE:
+            self._subjects.clear()  # bounded; refilled by the users still active
+        self._subjects[id(identity)] = (identity, subject)
+        return subject
 
     def _public_verdict(self, policy_set: PolicySet) -> Verdict:
         # The same for every request until a reload: made once per set, not per request.
@@ -67,7 +84,7 @@ class PolicyDecider:
         identity = ctx.identity
         request = AccessRequest(
             resource=Resource(route.name, ctx.peer.authority, ctx.target.path, ctx.method),
-            subject=identity.subject_fact() if identity is not None else None,
+            subject=self._subject(identity) if identity is not None else None,
             source_ip=client_ip,
             country=country,
         )

@@ -103,6 +103,23 @@ def _build_forwarded(peer: Peer) -> str:
     return ", ".join(elements)
 
 
+_DROP_CACHE: dict[tuple[frozenset[bytes], tuple[str, ...]], frozenset[bytes]] = {}
+
+
+def _with_gateway_names(
+    drop: frozenset[bytes], gateway_headers: Sequence[tuple[str, str]]
+) -> frozenset[bytes]:
+    """`drop` plus the names of the gateway's own headers: made once per set of names (the
+    assertion, the convenience headers), not on every request."""
+    key = (drop, tuple(name for name, _ in gateway_headers))
+    found = _DROP_CACHE.get(key)
+    if found is None:
+        if len(_DROP_CACHE) >= 64:
+            _DROP_CACHE.clear()  # a handful of name sets exist; stay bounded regardless
+        found = _DROP_CACHE[key] = drop | {name.lower().encode("latin-1") for name in key[1]}
+    return found
+
+
 def upstream_request_headers(
     client_headers: Iterable[tuple[bytes, bytes]],
     *,
@@ -118,7 +135,7 @@ def upstream_request_headers(
     """
     drop = _ALWAYS_DROPPED if peer.via_trusted_proxy else _DROP_UNTRUSTED
     if gateway_headers:
-        drop = drop | {name.lower().encode("latin-1") for name, _ in gateway_headers}
+        drop = _with_gateway_names(drop, gateway_headers)
     out: list[tuple[str, str]] = []
     append = out.append
     connection: list[bytes] | None = None

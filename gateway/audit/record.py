@@ -6,6 +6,7 @@ Pure (hashlib, re, orjson): no I/O, no clock. Must not import gateway.settings, 
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -23,6 +24,7 @@ REDACTED: Final = "[redacted]"
 CANONICAL_VERSION: Final = 1
 GENESIS_PREFIX: Final = "tabiji-audit-genesis:"
 _MIN_SECRET: Final = 14  # no pattern below matches a shorter string
+_MIN_TOKEN: Final = 26  # the shortest _JWT match (8 + 1 + 8 + 1 + 8); _LONG_TOKEN needs 32
 MAX_TEXT: Final = 2048  # longer strings are cut: a record is evidence, not a dump of the request
 
 # --------------------------------------------------------------------------- sanitising
@@ -68,7 +70,11 @@ def looks_secret(value: str) -> bool:
     token. Digests written as "sha256:<hex>" are not secrets and are kept."""
     if len(value) < _MIN_SECRET:  # shorter than the shortest match ("basic " + 8)
         return False
-    if _JWT.search(value) or _AUTH_SCHEME.search(value):
+    if _AUTH_SCHEME.search(value):
+        return True
+    if len(value) < _MIN_TOKEN:  # too short for a JWT or a long token: skip their searches
+        return False
+    if _JWT.search(value):
         return True
     for m in _LONG_TOKEN.finditer(value):
         start = m.start()
@@ -176,37 +182,55 @@ class AuditEvent:
         if self.decision not in DECISIONS:
             raise ValueError(f"audit decision must be one of {sorted(DECISIONS)}")
         s = object.__setattr__
-        texts = [getattr(self, n) for n in _TEXT_FIELDS]
-        present = [t for t in texts if t is not None]
-        # Fast path (the hot one): every text field a short printable str -> nothing to do.
-        if not (
-            all(type(t) is str for t in present)
-            and "".join(present).isprintable()
-            and max(map(len, present), default=0) <= MAX_TEXT
-        ):
-            for name, value in zip(_TEXT_FIELDS, texts, strict=True):
-                if value is not None or name in _REQUIRED_TEXT:
-                    s(self, name, escape_controls(str("" if value is None else value)))
+        texts = _GET_TEXTS(self)
+        groups, reasons = self.groups, self.reasons
+        # Fast path (the hot one): every text field, group and reason a plain str (or None)
+        # and all of them together short and printable -> nothing to escape or cut. One C-level
+        # pass each; anything else takes the exact per-field path below.
+        if type(groups) is tuple and type(reasons) is tuple:
+            items = (*texts, *groups, *reasons)
+            if _TEXT_TYPES.issuperset(map(type, items)):
+                joined = "".join(filter(None, items))
+                clean = len(joined) <= MAX_TEXT and joined.isprintable()
+            else:
+                clean = False
+        else:
+            clean = False
+        if not clean:
+            self._escape_each(texts)
         if len(self.path) >= _MIN_SECRET or not self.path.isprintable():
             s(self, "path", redact_path(self.path))
         if self.query is not None:
             s(self, "query", redact_query(self.query))
-        if type(self.groups) is not tuple or not "".join(self.groups).isprintable():
-            s(self, "groups", tuple(escape_controls(str(g)) for g in self.groups))
-        if type(self.reasons) is not tuple or not "".join(self.reasons).isprintable():
-            s(self, "reasons", tuple(escape_controls(str(r)) for r in self.reasons))
         # One representation for the latency: whole microseconds, so encoding is unambiguous.
         s(self, "latency_ms", round(float(self.latency_ms) * 1000) / 1000)
         if type(self.time_us) is not int:
             s(self, "time_us", int(self.time_us))
         s(self, "detail", _clean_detail(self.detail) if self.detail else {})
 
+    def _escape_each(self, texts: tuple[object, ...]) -> None:
+        """The exact path: each text field, group and reason escaped (and cut) on its own."""
+        s = object.__setattr__
+        for name, value in zip(_TEXT_FIELDS, texts, strict=True):
+            if value is not None or name in _REQUIRED_TEXT:
+                s(self, name, escape_controls(str("" if value is None else value)))
+        groups, reasons = self.groups, self.reasons
+        if type(groups) is not tuple or not _printable_strs(groups):
+            s(self, "groups", tuple(escape_controls(str(g)) for g in groups))
+        if type(reasons) is not tuple or not _printable_strs(reasons):
+            s(self, "reasons", tuple(escape_controls(str(r)) for r in reasons))
+
     def evolve(self, **changes: object) -> AuditEvent:
         """A copy with some fields replaced by values that are ALREADY clean (hashes, pseudonyms,
         truncated networks, None): skips __post_init__, which is the hot path's main cost."""
         new = object.__new__(AuditEvent)
-        for name, get, put in _SLOTS:  # the slot descriptors: no frozen __setattr__ per field
-            put(new, changes[name] if name in changes else get(self))
+        values = list(_GET_ALL(self))  # every field in one C call
+        for name, value in changes.items():
+            values[_FIELD_INDEX[name]] = value
+        for put, value in zip(
+            _SETTERS, values, strict=True
+        ):  # slot descriptors: no frozen __setattr__
+            put(new, value)
         return new
 
     @property
@@ -235,10 +259,18 @@ _TEXT_FIELDS: Final = (
     "action",
     "actor",
 )
-_SLOTS: Final[tuple[tuple[str, Any, Any], ...]] = tuple(
-    (f.name, AuditEvent.__dict__[f.name].__get__, AuditEvent.__dict__[f.name].__set__)
-    for f in fields(AuditEvent)
-)
+_FIELD_NAMES: Final = tuple(f.name for f in fields(AuditEvent))
+_FIELD_INDEX: Final = {name: i for i, name in enumerate(_FIELD_NAMES)}
+_GET_ALL: Final = operator.attrgetter(*_FIELD_NAMES)
+_SETTERS: Final[tuple[Any, ...]] = tuple(AuditEvent.__dict__[n].__set__ for n in _FIELD_NAMES)
+_GET_TEXTS: Final = operator.attrgetter(*_TEXT_FIELDS)
+_TEXT_TYPES: Final = frozenset({str, type(None)})
+
+
+def _printable_strs(values: tuple[object, ...]) -> bool:
+    """Every element a plain str, and all of them printable."""
+    return all(type(v) is str for v in values) and "".join(values).isprintable()  # type: ignore[arg-type]  # all str: checked just before
+
 
 # The canonical field order: NEVER reorder or rename — old records' hashes depend on it.
 # New fields are appended and bump CANONICAL_VERSION.

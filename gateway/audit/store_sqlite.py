@@ -33,6 +33,11 @@ from gateway.audit.store import (
 
 T = TypeVar("T")
 PAGE: Final = 1000
+# The writer's WAL checkpoints every 10,000 pages (about 40 MiB) instead of SQLite's 1,000: the
+# indexes' hot pages are copied into the database once per checkpoint, so checkpointing less
+# often copies each of them fewer times. Measured: about a fifth less CPU per appended record
+# (bench/audit.py). Durability is unchanged: every commit is still fsynced to the WAL.
+WAL_AUTOCHECKPOINT_PAGES: Final = 10_000
 
 _TEXT_NULL = {
     "query",
@@ -119,6 +124,7 @@ class SqliteAuditStore:
             if conn is None:
                 conn = self._connect()
                 if write:
+                    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
                     self._w = conn
                 else:
                     self._r = conn

@@ -217,3 +217,56 @@ def test_audit_chain_links_each_record_to_the_previous() -> None:
     assert all(r.computed_hash() == r.hash for r in recs)
     assert new_chain_id(5).endswith(":5")
     assert new_chain_id(5).count(":") == 2
+
+
+_ONE_FIELD = (
+    "request_id",
+    "route",
+    "method",
+    "host",
+    "client_ip",
+    "country",
+    "user_issuer",
+    "user_subject",
+    "user_email",
+    "session_hash",
+    "device_id",
+    "posture",
+    "policy_hash",
+    "rule",
+    "action",
+    "actor",
+)
+
+
+@pytest.mark.parametrize("name", [*_ONE_FIELD, "groups", "reasons"])
+def test_audit_one_unprintable_field_among_clean_ones_is_escaped(name: str) -> None:
+    """A single control character in any one text field, group or reason is escaped even when
+    every other field is clean (the one-pass fast check must not let it through)."""
+    nasty = "ok\x1b[2Jforged\nline"
+    value: object = (nasty,) if name in ("groups", "reasons") else nasty
+    event = make_event(**{name: value})
+    got = getattr(event, name)
+    text = "".join(got) if isinstance(got, tuple) else got
+    assert "\x1b" not in text
+    assert "\n" not in text
+    assert "\\u001b" in text
+
+
+def test_audit_one_overlong_field_is_cut() -> None:
+    """A text field longer than MAX_TEXT is cut even when it is printable and all else is clean."""
+    event = make_event(rule="r" * 5000)
+    assert event.rule is not None
+    assert len(event.rule) == 2048 + 1
+    assert event.rule.endswith("…")
+
+
+def test_audit_evolve_replaces_only_the_named_fields() -> None:
+    """evolve() copies every field and replaces only those named (redaction relies on it)."""
+    event = make_event()
+    copy = event.evolve(session_hash="0" * 32, client_ip="")
+    assert copy.session_hash == "0" * 32
+    assert copy.client_ip == ""
+    assert dataclasses.replace(
+        copy, session_hash=event.session_hash, client_ip=event.client_ip
+    ) == (event)

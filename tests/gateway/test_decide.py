@@ -88,3 +88,27 @@ def _write(directory: Path, text: str) -> Path:
     directory.mkdir()
     (directory / "policies.yaml").write_text(text, encoding="utf-8")
     return directory
+
+
+def test_a_changed_identity_is_decided_on_its_new_facts(tmp_path: Path) -> None:
+    """The per-identity subject cache never answers for another Identity: a user whose groups
+    changed (a refresh makes a new Identity) is decided on the new groups at once."""
+    from dataclasses import replace
+
+    from gateway.identity.model import Identity
+
+    decider = PolicyDecider(holder_for(tmp_path))
+    route = make_route(public=False, policy="staff-only")
+    staff = Identity(
+        issuer="https://idp.example",
+        subject="u1",
+        method="session",
+        provider="town",
+        groups=frozenset({"staff"}),
+    )
+    assert decider.decide(replace(make_ctx(route=route), identity=staff)).allowed
+    assert decider.decide(replace(make_ctx(route=route), identity=staff)).allowed
+    visitor = replace(staff, groups=frozenset({"visitors"}))
+    verdict = decider.decide(replace(make_ctx(route=route), identity=visitor))
+    assert not verdict.allowed
+    assert "group-missing" in verdict.reasons
