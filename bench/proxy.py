@@ -85,9 +85,16 @@ CASES = {
     "1k": Case("1k", "/", KIB, "1 KiB response"),
     "1m": Case("1m", "/1m", MIB, "1 MiB response"),
 }
-TARGET_NAMES = ("direct", "nginx", "tabiji", "tabiji-auth", "tabiji-noaudit")
+TARGET_NAMES = (
+    "direct",
+    "nginx",
+    "tabiji",
+    "tabiji-auth",
+    "tabiji-noaudit",
+    "tabiji-noaudit-auth",  # the signed-in case without audit: identity's own cost
+)
 # The extra gateway cases answer questions about the 1 KiB request path only.
-ONLY_1K = ("tabiji-auth", "tabiji-noaudit")
+ONLY_1K = ("tabiji-auth", "tabiji-noaudit", "tabiji-noaudit-auth")
 
 
 @dataclass
@@ -832,6 +839,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.no_tabiji,
         not args.auth,
         args.no_audit_off or args.no_tabiji,
+        args.no_audit_off or not args.auth,
     )
     args.targets = [name for name, off in zip(TARGET_NAMES, offs, strict=True) if not off]
     return args
