@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 IDP_DIR = REPO / "tests" / "idp"
 IDP_SCRIPT = IDP_DIR / "server.mjs"
 IDP_START_TIMEOUT = 20.0
+IDP_START_ATTEMPTS = 3
 IDP_STOP_TIMEOUT = 10.0
 
 # Where a relying party that is not running yet says it will take the code: login_with_httpx
@@ -285,26 +286,30 @@ class Idp:
         return int(self.process.returncode)
 
 
-def _read_ready_line(process: subprocess.Popen[bytes], deadline: float) -> dict[str, Any] | None:
+def _read_ready_line(
+    process: subprocess.Popen[bytes], deadline: float
+) -> tuple[dict[str, Any] | None, str]:
+    """The provider's ready line, or None and why not (for the failure message)."""
     assert process.stdout is not None
     fd = process.stdout.fileno()
     buffer = b""
-    while time.monotonic() < deadline and process.poll() is None:
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return None, f"exited with {process.returncode}"
         ready, _, _ = select.select([fd], [], [], 0.1)
         if not ready:
             continue
         chunk = os.read(fd, 4096)
         if not chunk:
-            break
+            return None, "closed its output"
         buffer += chunk
-        if b"\n" in buffer:
-            line = buffer.split(b"\n", 1)[0]
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
             with contextlib.suppress(ValueError):
                 parsed: dict[str, Any] = json.loads(line)
                 if parsed.get("ready") is True:
-                    return parsed
-            return None
-    return None
+                    return parsed, ""
+    return None, f"no ready line within {IDP_START_TIMEOUT:.0f} s"
 
 
 def start_idp(
@@ -337,6 +342,48 @@ def start_idp(
         transport = ["--tls-cert", str(cert_path), "--tls-key", str(key_path)]
     stderr_path = directory / "stderr.log"
     env = {**os.environ, "NODE_EXTRA_CA_CERTS": str(ca.ca_path), "NODE_NO_WARNINGS": "1"}
+    why = ""
+    # Node on a loaded 2-vCPU machine has been seen not to come up once in a while: a second and
+    # third try, each reported, rather than a whole session of tests erroring on one bad start.
+    for attempt in range(1, IDP_START_ATTEMPTS + 1):
+        idp, why = _spawn_idp(
+            name,
+            directory,
+            stderr_path,
+            env,
+            clients_path,
+            accounts_path,
+            id_token_ttl,
+            transport,
+            clients,
+            users,
+            ca,
+        )
+        if idp is not None:
+            return idp
+        print(f"test OpenID Provider start {attempt} failed: {why}", file=sys.stderr)
+    pytest.fail(f"the test OpenID Provider did not start ({why}):\n{_read(stderr_path)}")
+
+
+def _read(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return path.read_text(errors="replace")
+    return ""
+
+
+def _spawn_idp(  # noqa: PLR0917 — start_idp's pieces, handed on as they are
+    name: str,
+    directory: Path,
+    stderr_path: Path,
+    env: dict[str, str],
+    clients_path: Path,
+    accounts_path: Path,
+    id_token_ttl: int,
+    transport: list[str],
+    clients: Sequence[IdpClient],
+    users: Sequence[IdpUser],
+    ca: Any,
+) -> tuple[Idp | None, str]:
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
             [
@@ -359,7 +406,7 @@ def start_idp(
             cwd=IDP_DIR,
             env=env,
         )
-    ready = _read_ready_line(process, time.monotonic() + IDP_START_TIMEOUT)
+    ready, why = _read_ready_line(process, time.monotonic() + IDP_START_TIMEOUT)
     idp = Idp(
         name=name,
         issuer=str(ready["issuer"]) if ready else "",
@@ -372,8 +419,8 @@ def start_idp(
     )
     if ready is None:
         idp.stop()
-        pytest.fail(f"the test OpenID Provider did not start:\n{idp.stderr()}")
-    return idp
+        return None, why
+    return idp, ""
 
 
 # -- a receiver for back-channel logout tokens ---------------------------------------------------
