@@ -308,7 +308,7 @@ def _start_gateway(
     targets = [Target(name, base, host, server.pid, metrics_url)]
     try:
         _check_gateway(server, base, host, args.start_timeout)
-        if with_identity and audit:
+        if with_identity and f"{name}-auth" in args.targets:
             cookie = _create_session(gw, port, env)
             auth = Target(
                 f"{name}-auth",
