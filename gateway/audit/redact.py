@@ -6,6 +6,7 @@ cannot be joined to the live session store. Pure; must not import gateway.settin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ ValueMode = Literal["keep", "hash", "drop"]
 _SESSION_PREFIX: Final = "audit:"
 
 
+# Cached: a session sends many requests, and the request path re-hashes its hash for each one.
+@functools.lru_cache(maxsize=4096)
 def audit_session_hash(value: str) -> str:
     """First 32 hex of sha256("audit:" + session hash)."""
     return hashlib.sha256((_SESSION_PREFIX + value).encode()).hexdigest()[:32]

@@ -27,6 +27,7 @@ from gateway.audit.store import (
     RetentionSigner,
     checkpoint_row,
     filter_sql,
+    index_ddl,
     record_row,
     row_checkpoint,
     row_record,
@@ -64,7 +65,7 @@ _DDL: Final = (
     " head_hash TEXT NOT NULL, time_us BIGINT NOT NULL, count BIGINT NOT NULL,"
     " kind TEXT NOT NULL, key_id TEXT NOT NULL, signature TEXT NOT NULL, tsa_token TEXT,"
     " PRIMARY KEY (chain_id, seq, kind))",
-    *(f"CREATE INDEX IF NOT EXISTS {n} ON audit_records ({c})" for n, c in INDEXES),
+    *(index_ddl(*index) for index in INDEXES),
     # Records: no UPDATE ever; DELETE only inside a retention transaction.
     """CREATE OR REPLACE FUNCTION tabiji_audit_append_only() RETURNS trigger
        LANGUAGE plpgsql AS $$
