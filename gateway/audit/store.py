@@ -78,6 +78,27 @@ class AuditStore(Protocol):
 
 COLUMNS: Final[tuple[str, ...]] = ("chain_id", "seq", "prev_hash", "hash", *EVENT_FIELDS)
 _JSON_COLUMNS: Final = frozenset({"groups", "reasons", "detail"})
+# The column types both stores share: which columns may be NULL, which hold integers.
+NULLABLE_COLUMNS: Final = frozenset(
+    {
+        "query",
+        "country",
+        "user_issuer",
+        "user_subject",
+        "user_email",
+        "session_hash",
+        "device_id",
+        "posture",
+        "posture_age_s",
+        "policy_hash",
+        "rule",
+        "action",
+        "actor",
+    }
+)
+INTEGER_COLUMNS: Final = frozenset(
+    {"seq", "time_us", "posture_age_s", "status", "bytes_in", "bytes_out", "latency_us"}
+)
 _JSON_IDX: Final = tuple(i for i, c in enumerate(COLUMNS) if c in _JSON_COLUMNS)
 # (name, columns, partial-index condition or ""). The user and device indexes leave out the rows
 # without a user or device (public routes, refusals before sign-in): a filter on those columns

@@ -21,6 +21,8 @@ from gateway.audit.store import (
     CHECKPOINT_COLUMNS,
     COLUMNS,
     INDEXES,
+    INTEGER_COLUMNS,
+    NULLABLE_COLUMNS,
     REFUSED_SQL,
     USER_SQL,
     AuditStoreUnavailable,
@@ -34,27 +36,11 @@ from gateway.audit.store import (
 )
 
 PAGE: Final = 1000
-_NULLABLE = {
-    "query",
-    "country",
-    "user_issuer",
-    "user_subject",
-    "user_email",
-    "session_hash",
-    "device_id",
-    "posture",
-    "policy_hash",
-    "rule",
-    "action",
-    "actor",
-    "posture_age_s",
-}
-_INT = {"seq", "time_us", "posture_age_s", "status", "bytes_in", "bytes_out", "latency_us"}
 
 
 def _coldef(name: str) -> str:
-    kind = "BIGINT" if name in _INT else "TEXT"
-    return f"{name} {kind}" + ("" if name in _NULLABLE else " NOT NULL")
+    kind = "BIGINT" if name in INTEGER_COLUMNS else "TEXT"
+    return f"{name} {kind}" + ("" if name in NULLABLE_COLUMNS else " NOT NULL")
 
 
 _DDL: Final = (

@@ -21,6 +21,8 @@ from gateway.audit.store import (
     CHECKPOINT_COLUMNS,
     COLUMNS,
     INDEXES,
+    INTEGER_COLUMNS,
+    NULLABLE_COLUMNS,
     REFUSED_SQL,
     USER_SQL,
     AuditStoreUnavailable,
@@ -51,27 +53,10 @@ SMALL_BATCH: Final = 4
 # (bench/audit.py). Durability is unchanged: every commit is still fsynced to the WAL.
 WAL_AUTOCHECKPOINT_PAGES: Final = 10_000
 
-_TEXT_NULL = {
-    "query",
-    "country",
-    "user_issuer",
-    "user_subject",
-    "user_email",
-    "session_hash",
-    "device_id",
-    "posture",
-    "policy_hash",
-    "rule",
-    "action",
-    "actor",
-}
-_INT = {"seq", "time_us", "posture_age_s", "status", "bytes_in", "bytes_out", "latency_us"}
-
 
 def _coldef(name: str) -> str:
-    if name in _INT:
-        return f"{name} INTEGER" + ("" if name == "posture_age_s" else " NOT NULL")
-    return f"{name} TEXT" + ("" if name in _TEXT_NULL else " NOT NULL")
+    kind = "INTEGER" if name in INTEGER_COLUMNS else "TEXT"
+    return f"{name} {kind}" + ("" if name in NULLABLE_COLUMNS else " NOT NULL")
 
 
 # A rowid table with UNIQUE (chain_id, seq), not WITHOUT ROWID keyed on (chain_id, seq): every
