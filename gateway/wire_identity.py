@@ -165,13 +165,11 @@ def _bearer(settings: GatewaySettings) -> tuple[BearerVerifier | None, list[Jwks
 
 
 def _route_for(routes: RouteTable) -> Callable[[str, str], tuple[str, tuple[str, ...]] | None]:
-    every = tuple(sorted({p for r in routes.routes for p in (r.providers or ())}))
-
     def route_for(authority: str, path: str) -> tuple[str, tuple[str, ...]] | None:
         route = routes.match(authority, path)
         if route is None or route.public:
             return None
-        return route.name, route.providers if route.providers is not None else every
+        return route.name, route.providers or ()  # () means every configured provider
 
     return route_for
 
@@ -204,12 +202,6 @@ def build_identity(
     store = open_state_store(identity.session.store, base_dir=config_dir)
     providers, labels = _providers(settings)
     bearer, jwks_caches = _bearer(settings)
-    # Identity provider every route may use when it names none; routes list theirs explicitly.
-    if providers:
-        every = tuple(providers)
-        routes = RouteTable(
-            [r if r.providers is not None else _with_providers(r, every) for r in routes.routes]
-        )
     sessions = SessionManager(
         store,
         public_host=public_host,
@@ -253,12 +245,6 @@ def build_identity(
     )
     parts.services = _services(parts, forwarder, jwks_caches)
     return parts
-
-
-def _with_providers(route: GatewayRoute, providers: tuple[str, ...]) -> GatewayRoute:
-    from dataclasses import replace
-
-    return replace(route, providers=providers)
 
 
 def _services(
