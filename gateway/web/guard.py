@@ -78,11 +78,10 @@ class PolicyGuard:
             return Viewer(identity.issuer, identity.subject, identity.email, identity.name)
         reasons = tuple(str(r) for r in decision.reasons) or ("user-unauthenticated",)
         if identity is None:
-            scheme = "https" if https else "http"
             back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return RedirectResponse(
-                f"{scheme}://{authority}/.tabiji/login?rd={quote(back, safe='')}", status_code=302
-            )
+            # Relative (RFC 9110 §10.2.2): the login on this same host, never one the Host header
+            # names (these pages answer on every host, routed or not).
+            return RedirectResponse(f"/.tabiji/login?rd={quote(back, safe='')}", status_code=302)
         return self._refuse(request, headers, https, reasons)
 
     def _refuse(
