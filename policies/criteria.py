@@ -1165,10 +1165,13 @@ def _device(  # noqa: PLR0912, PLR0915 — one branch per device field, on purpo
     ids, tags, stores = sets.get("id"), sets.get("tags"), sets.get("key_storage")
     posture_checks = tuple(posture[0]) if posture else ()
     unenrolled = _one(Reason.DEVICE_UNENROLLED)
+    revoked = _one(Reason.DEVICE_REVOKED)
     no_posture = Reason.DEVICE_POSTURE_UNKNOWN
 
     def check(f: Facts) -> Reasons:  # noqa: PLR0912 — one branch per field, on purpose
         device = f.request.device
+        if device is not None and device.revoked:
+            return revoked
         if device is None or not device.enrolled:
             return unenrolled
         out: list[Reason] = []

@@ -54,6 +54,7 @@ class Device:
     id: str
     enrolled: bool = True
     approved: bool = False
+    revoked: bool = False  # IT withdrew the enrolment: refused everywhere a device is checked
     owner: str | None = None  # the owner's email or subject id
     tags: frozenset[str] = frozenset()
     key_storage: str | None = None  # "tpm", "secure-enclave", "software", …

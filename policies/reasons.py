@@ -42,6 +42,7 @@ class Reason(StrEnum):
     MFA_REQUIRED = "mfa-required"
     MFA_DENIED = "mfa-denied"
     # The device.
+    DEVICE_REVOKED = "device-revoked"
     DEVICE_UNENROLLED = "device-unenrolled"
     DEVICE_NOT_APPROVED = "device-not-approved"
     DEVICE_NOT_ALLOWED = "device-not-allowed"
@@ -105,6 +106,7 @@ _DESCRIPTIONS: Final[dict[Reason, str]] = {
     Reason.CLAIM_DENIED: "an attribute (claim) of the user has a refused value",
     Reason.MFA_REQUIRED: "the user must sign in with multi-factor authentication",
     Reason.MFA_DENIED: "multi-factor sign-ins are refused here",
+    Reason.DEVICE_REVOKED: "the device's enrolment has been revoked",
     Reason.DEVICE_UNENROLLED: "the request does not come from an enrolled device",
     Reason.DEVICE_NOT_APPROVED: "the device is enrolled but IT has not approved it",
     Reason.DEVICE_NOT_ALLOWED: "this device is not on the list of allowed devices",
