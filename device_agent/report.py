@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -326,8 +327,24 @@ def make_proof(
 
 
 def proof_url(url: str) -> str:
-    """The URL a proof covers: scheme, authority and path, without query and fragment."""
-    return url.split("#", 1)[0].split("?", 1)[0]
+    """The URL a proof covers, compared after RFC 3986 §6.2.2–6.2.3 normalisation (RFC 9449 §4.3):
+    scheme and host lower-cased, a default port dropped, an empty path as "/", no query or
+    fragment. Both sides apply it, so a hand-typed `HTTPS://GW.example:443/x` still matches."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal keeps its brackets
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}{parts.path or '/'}"
+
+
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
 def verify_proof(

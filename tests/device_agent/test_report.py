@@ -230,3 +230,17 @@ def test_thumbprint_is_rfc7638() -> None:
     members = f'{{"crv":"P-256","kty":"EC","x":"{jwk["x"]}","y":"{jwk["y"]}"}}'
     expected = _b64(hashlib.sha256(members.encode()).digest())
     assert report.key_thumbprint(key) == expected
+
+
+@pytest.mark.parametrize(
+    ("typed", "expected"),
+    [
+        ("HTTPS://GW.Example.jp:443/files?x=1#top", "https://gw.example.jp/files"),
+        ("http://127.0.0.1:80", "http://127.0.0.1/"),
+        ("https://gw.example.jp:8443/a/B", "https://gw.example.jp:8443/a/B"),
+        ("https://[::1]:8443/x", "https://[::1]:8443/x"),
+    ],
+)
+def test_proof_url_is_normalised(typed: str, expected: str) -> None:
+    """Scheme, host case and default ports never make a hand-typed URL's proof fail (§4.3)."""
+    assert report.proof_url(typed) == expected
