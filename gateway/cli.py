@@ -1,4 +1,4 @@
-"""`tabiji …`: the command line (serve, check-config, reload, demo, sessions, keys, audit).
+"""`tabiji …`: the command line (serve, check-config, reload, demo, sessions, keys, audit, devices).
 
 Exit codes: 0 ok, 1 a check failed, 2 usage error. Reads settings (with gateway.app, the only
 modules that do) and turns them into the serving options.
@@ -218,8 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     from gateway.cli_admin import add_admin_parsers
+    from gateway.devices.cli import add_devices_parser
 
     add_admin_parsers(commands)
+    add_devices_parser(commands)
     return parser
 
 
