@@ -33,6 +33,7 @@ from gateway.state.base import StateStore
 from gateway.web.catalogue import load_catalogue
 from gateway.web.endpoints import build_internal_app
 from gateway.wire_audit import audit_view_routes, build_audit
+from gateway.wire_devices import build_devices
 from gateway.wire_identity import build_identity
 from policies.geoip import GeoIP
 from policies.loader import load_policy_dir
@@ -191,6 +192,24 @@ def build_app(settings: GatewaySettings, *, dry_run: bool = False) -> GatewayApp
         extra_routes += identity.routes
         store = identity.store
         readiness.add("state", lambda: _ping(store, identity.store_description))
+    devices = None
+    if settings.devices.enabled:
+        devices = build_devices(
+            settings,
+            routes=routes,
+            pages=pages,
+            holder=holder,
+            geoip=geoip,
+            sockets=forwarder.websockets,
+            identity=identity,
+            admin_audit=audit.trail.admin if audit is not None else None,
+            dry_run=dry_run,
+        )
+        services += devices.services  # after the state store: the device stage uses it
+        extra_routes += devices.routes
+        readiness.add("devices", devices.readiness)
+    # The signed assertion carries the device verified for each request (device stage).
+    assertions = identity.assertions if identity is not None else None
     if audit is not None:
         extra_routes += audit_view_routes(
             settings,
@@ -213,8 +232,9 @@ def build_app(settings: GatewaySettings, *, dry_run: bool = False) -> GatewayApp
         metrics=observability.metrics,
         access_log=observability.AccessLog() if settings.logging.access_log else None,
         identity=identity.resolver if identity else None,
-        assertions=identity.assertions if identity else None,
+        assertions=assertions,
         audit=audit.trail if audit is not None else None,
+        devices=devices.stage if devices is not None else None,
     )
     return GatewayApp(pipeline, forwarder, reloader, services)
 

@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.context import DeviceContext
 from gateway.identity.model import Identity
 from gateway.jose import (
     es256_key_to_pem,
@@ -31,6 +32,7 @@ from gateway.jose import (
     load_es256_pem,
     sign_jwt,
 )
+from gateway.routing import Route
 
 log = logging.getLogger("tabiji.assertion")
 
@@ -367,7 +369,8 @@ class AssertionMinter:
 
     Claims: iss (the gateway's public URL), aud (the route's origin), idp (the user's identity
     provider: users are (idp, sub), never sub alone), sub, email, email_verified, name, groups,
-    amr (sorted lists), sid (the session hash), device_id, device_trust, iat, exp (≤ 5 min), jti.
+    amr (sorted lists), sid (the session hash), device_id, device_trust, iat, exp (≤ 5 min), jti,
+    and device_posture_at when the request's device has reported its posture.
 
     UPSTREAM_EXAMPLE below shows an upstream app verifying it (README; tested as written).
 
@@ -402,10 +405,18 @@ class AssertionMinter:
         identity: Identity,
         audience: str,
         now: float,
+        *,
         device_id: str | None = None,
         device_trust: str | None = None,
+        device_posture_at: int | None = None,
     ) -> str:
-        """The assertion for this user at this route; ValueError if the identity has expired."""
+        """The assertion for this user at this route; ValueError if the identity has expired.
+
+        `device_id` defaults to the identity's bound device; the pipeline passes the device it
+        verified for *this* request (UpstreamAssertions). `device_trust` is where its key lives
+        ("tpm" only when attested, "tpm-claimed", "software"), `device_posture_at` when its
+        latest posture report was accepted (the claim is present only when there is one).
+        """
         key = self._ring.signing_key(now)
         if device_id is None:
             device_id = identity.device_id
@@ -427,6 +438,7 @@ class AssertionMinter:
             key.kid,
             device_id,
             device_trust,
+            device_posture_at,
         )
         minted = self._cache.get(cache_key)
         if minted is not None and now < minted.reuse_until and minted.exp <= identity.expires_at:
@@ -452,6 +464,8 @@ class AssertionMinter:
             "exp": exp,
             "jti": secrets.token_urlsafe(16),
         }
+        if device_posture_at is not None:
+            claims["device_posture_at"] = device_posture_at
         token = sign_jwt(claims, key.private_key, key.kid)
         self.signatures += 1
         # Reused until `reuse_margin` before exp, so the upstream always gets some lifetime —
@@ -463,6 +477,39 @@ class AssertionMinter:
             del cache[next(iter(cache))]  # oldest insertion first: O(1)
         cache[cache_key] = _Minted(token, exp, reuse_until)
         return token
+
+
+class UpstreamAssertions:
+    """The pipeline's assertion stage: one signed X-Tabiji-Assertion per (user, route, device
+    state), reused; plus the unsigned convenience headers on routes that ask for them."""
+
+    def __init__(self, minter: AssertionMinter) -> None:
+        self._minter = minter
+        self._header = ASSERTION_HEADER.decode()
+
+    def upstream_headers(
+        self, identity: Identity, route: Route, now: float, device: DeviceContext | None = None
+    ) -> list[tuple[str, str]]:
+        if device is None:
+            if identity.device_id is not None:
+                # A binding the device stage did not accept now (expired, registry stale):
+                # never asserted on trust.
+                identity = replace(identity, device_id=None)
+            token = self._minter.mint(identity, route.origin, now)
+        else:
+            posture_at = device.posture_at
+            token = self._minter.mint(
+                identity,
+                route.origin,
+                now,
+                device_id=device.id,
+                device_trust=device.key_storage,
+                device_posture_at=math.floor(posture_at) if posture_at is not None else None,
+            )
+        headers = [(self._header, token)]
+        if route.identity_headers:
+            headers.extend((k.decode(), v.decode()) for k, v in convenience_headers(identity))
+        return headers
 
 
 # RFC 8187 attr-char: what may stand unencoded in an encoded value.

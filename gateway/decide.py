@@ -82,9 +82,13 @@ class PolicyDecider:
         client_ip = ctx.peer.client_ip
         country = self.geoip.country(client_ip) if self.geoip is not None else None
         identity = ctx.identity
+        device = ctx.device
         request = AccessRequest(
             resource=Resource(route.name, ctx.peer.authority, ctx.target.path, ctx.method),
             subject=self._subject(identity) if identity is not None else None,
+            # The device the request was proved to come from (gateway.devices.stage): its
+            # status, tags, key storage and latest posture, as the registry knows them now.
+            device=device.fact if device is not None else None,
             source_ip=client_ip,
             country=country,
         )

@@ -39,7 +39,9 @@ _GATEWAY_WRITTEN = frozenset(
 _PROXY_ONLY = frozenset({b"x-forwarded-port"})
 # Expect is answered by the gateway's own server (RFC 9110 §10.1.1); X-Real-IP is an unverifiable
 # duplicate of the client address, which the gateway writes into X-Forwarded-For/Forwarded.
-_ALWAYS_DROPPED = HOP_BY_HOP | _GATEWAY_WRITTEN | {b"expect", b"x-real-ip"}
+# DPoP (RFC 9449) is a device credential for the gateway only; a device certificate header is
+# added per deployment (`extra_dropped`): an upstream never sees either.
+_ALWAYS_DROPPED = HOP_BY_HOP | _GATEWAY_WRITTEN | {b"expect", b"x-real-ip", b"dpop"}
 _DROP_UNTRUSTED = _ALWAYS_DROPPED | _PROXY_ONLY
 _TABIJI_PREFIX = b"x-tabiji-"  # the gateway's own namespace: never accepted from a client
 # The gateway's own cookies (session, login binding) are credentials for the gateway only: an
@@ -120,6 +122,19 @@ def _with_gateway_names(
     return found
 
 
+_EXTRA_CACHE: dict[tuple[frozenset[bytes], frozenset[bytes]], frozenset[bytes]] = {}
+
+
+def _with_extra(drop: frozenset[bytes], extra: frozenset[bytes]) -> frozenset[bytes]:
+    key = (drop, extra)
+    found = _EXTRA_CACHE.get(key)
+    if found is None:
+        if len(_EXTRA_CACHE) >= 64:
+            _EXTRA_CACHE.clear()  # one or two sets per deployment; stay bounded regardless
+        found = _EXTRA_CACHE[key] = drop | {name.lower() for name in extra}
+    return found
+
+
 def upstream_request_headers(
     client_headers: Iterable[tuple[bytes, bytes]],
     *,
@@ -127,13 +142,18 @@ def upstream_request_headers(
     route: Route,
     request_id: str,
     gateway_headers: Sequence[tuple[str, str]] = (),
+    extra_dropped: frozenset[bytes] = frozenset(),
 ) -> list[tuple[str, str]]:
     """The headers to send upstream: the client's, cleaned, then the gateway's own (added last).
 
     Nothing a client sends (Connection tokens included) can remove or alter a header the gateway
     adds: those are appended after filtering, and client copies of them are dropped.
+    `extra_dropped` names further headers meant for the gateway only (a configured client
+    certificate header), dropped from every client whether trusted or not.
     """
     drop = _ALWAYS_DROPPED if peer.via_trusted_proxy else _DROP_UNTRUSTED
+    if extra_dropped:
+        drop = _with_extra(drop, extra_dropped)
     if gateway_headers:
         drop = _with_gateway_names(drop, gateway_headers)
     out: list[tuple[str, str]] = []

@@ -1,5 +1,5 @@
-"""The request pipeline, in order, in one place: peer → target → route → identity → decide →
-forward, and an audit record of every decision.
+"""The request pipeline, in order, in one place: peer → target → route → identity → device →
+decide → forward, and an audit record of every decision.
 
 Stages gather facts; only the decision allows; only this module turns a decision or an error into a
 response, and any unexpected error means refusal (fail closed). Must not import gateway.settings.
@@ -14,8 +14,15 @@ from time import perf_counter_ns, time
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from gateway.context import Peer, RequestContext
+from gateway.context import DeviceContext, Peer, RequestContext
 from gateway.decide import Verdict
+from gateway.devices.stage import (
+    NO_DEVICE,
+    NOTE_REGISTRY_STALE,
+    DeviceCheck,
+    DeviceCheckRequired,
+    DeviceRefused,
+)
 from gateway.errors import (
     AccessDenied,
     AuditUnavailable,
@@ -41,6 +48,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 RESERVED_PREFIX = "/.tabiji"
+DEVICE_CHECK_PATH = RESERVED_PREFIX + "/device/check"
+_UNENROLLED = "device-unenrolled"
 log = logging.getLogger("tabiji.pipeline")
 
 
@@ -58,11 +67,29 @@ class IdentityStage(Protocol):
     ) -> Identity | None: ...
 
 
+class DeviceStage(Protocol):
+    """Which enrolled device the request comes from (gateway.devices.stage)."""
+
+    @property
+    def dropped_headers(self) -> frozenset[bytes]: ...
+
+    async def check(
+        self,
+        headers: Sequence[tuple[bytes, bytes]],
+        *,
+        peer: Peer,
+        target: Target,
+        method: str,
+        identity: Identity | None,
+        now: float,
+    ) -> DeviceCheck: ...
+
+
 class AssertionStage(Protocol):
     """The signed identity assertion (and optional plain headers) for the upstream."""
 
     def upstream_headers(
-        self, identity: Identity, route: Route, now: float
+        self, identity: Identity, route: Route, now: float, device: DeviceContext | None = None
     ) -> Sequence[tuple[str, str]]: ...
 
 
@@ -116,9 +143,17 @@ class Outcome:
     method: str = ""  # from the request line, kept for refusals made before routing
     target: Target | None = None
     client_ip: str = ""  # the socket's peer, until a Peer is resolved
+    device_id: str | None = None  # the device a refused proof or certificate named
+    notes: tuple[str, ...] = ()  # audit-only causes beside a refusal's reasons (device stage)
 
 
-_DENIALS = (AccessDenied, LoginRequired, IdentityRejected)
+_DENIALS = (AccessDenied, LoginRequired, IdentityRejected, DeviceCheckRequired)
+
+
+def _is_navigation(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A browser's top-level navigation (never a fetch, a program or a single-page app's call)."""
+    fetch_mode = header_value(headers, b"sec-fetch-mode")
+    return (fetch_mode is None or fetch_mode == b"navigate") and not wants_json(headers)
 
 
 def _record_refusal(outcome: Outcome, error: GatewayError) -> tuple[str, ...]:
@@ -127,8 +162,12 @@ def _record_refusal(outcome: Outcome, error: GatewayError) -> tuple[str, ...]:
     if isinstance(error, IdentityRejected):
         # Its code is the precise reason (token-expired…): on record, and the page's title.
         outcome.reasons = (error.code,)
+    elif isinstance(error, DeviceRefused):
+        # The reason a person sees, then the precise cause (proof-wrong-url…) for the record.
+        outcome.reasons = (*reasons, *error.notes)
     else:
-        outcome.reasons = reasons
+        notes = tuple(note for note in outcome.notes if note not in reasons)
+        outcome.reasons = (*reasons, *notes) if reasons and notes else reasons
     outcome.status, outcome.code = error.status, error.code
     outcome.decision = "deny" if isinstance(error, _DENIALS) else "error"
     if outcome.request_id == "-":
@@ -154,9 +193,12 @@ class Pipeline:
         identity: IdentityStage | None = None,
         assertions: AssertionStage | None = None,
         audit: AuditTrail | None = None,
+        devices: DeviceStage | None = None,
     ) -> None:
         self.routes = routes
         self.identity = identity
+        self.devices = devices
+        self._dropped = devices.dropped_headers if devices is not None else frozenset()
         self.assertions = assertions
         self.audit = audit
         self.trusted_proxies = trusted_proxies
@@ -212,14 +254,35 @@ class Pipeline:
             raise AuditUnavailable("audit records cannot be written")
 
     @staticmethod
-    def _login_or_deny(ctx: RequestContext, verdict: Verdict) -> GatewayError:
-        """A refusal; a request nobody signed in for is sent to log in instead (if it can be)."""
-        if ctx.identity is None and "user-unauthenticated" in verdict.reasons:
-            target = ctx.target
-            back = target.path + ("?" + target.query if target.query else "")
+    def _login_or_deny(
+        ctx: RequestContext,
+        verdict: Verdict,
+        check: DeviceCheck,
+        headers: list[tuple[bytes, bytes]],
+    ) -> GatewayError:
+        """A refusal; a request nobody signed in for is sent to log in instead (if it can be),
+        and a browser whose session has no (fresh) device binding to the device check."""
+        target = ctx.target
+        back = target.path + ("?" + target.query if target.query else "")
+        reasons = verdict.reasons
+        if ctx.identity is None and "user-unauthenticated" in reasons:
             origin = f"{ctx.peer.scheme}://{ctx.peer.authority}"
             return LoginRequired(f"{origin}/.tabiji/login?rd={quote(back, safe='')}")
-        return AccessDenied(verdict.reasons)
+        if _UNENROLLED in reasons:
+            if NOTE_REGISTRY_STALE in check.notes:
+                # Not the device's fault: the gateway could not tell (and must not send the
+                # browser to attest a device it could not look up either).
+                reasons = tuple(
+                    "device-registry-stale" if reason == _UNENROLLED else reason
+                    for reason in reasons
+                )
+            elif check.binding_needed and ctx.identity is not None and _is_navigation(headers):
+                # Relative (RFC 9110 §10.2.2): the device check on this same host, never an
+                # origin taken from the Host header.
+                return DeviceCheckRequired(
+                    f"{DEVICE_CHECK_PATH}?rd={quote(back, safe='')}", reasons
+                )
+        return AccessDenied(reasons)
 
     async def _assert_identity(
         self, ctx: RequestContext, outcome: Outcome, now: float
@@ -230,7 +293,7 @@ class Pipeline:
         identity = ctx.identity
         if identity is None or self.assertions is None:
             return ()
-        return self.assertions.upstream_headers(identity, ctx.route, now)
+        return self.assertions.upstream_headers(identity, ctx.route, now, ctx.device)
 
     async def _admit(
         self,
@@ -250,37 +313,72 @@ class Pipeline:
         outcome.route = route.name
         t2 = perf_counter_ns()
         now = outcome.started
+        method = scope.get("method", "GET")
+        headers = scope["headers"]
         identity = await self._identify(scope, route, peer, https, now)
+        t3 = perf_counter_ns()
+        check = await self._device(headers, route, peer, target, method, identity, outcome)
         ctx = RequestContext(
-            outcome.request_id, scope.get("method", "GET"), peer, target, route, identity
+            outcome.request_id, method, peer, target, route, identity, check.device, check.channel
         )
         outcome.ctx = ctx
+        outcome.notes = check.notes
         if websocket and not route.websockets:
             raise AccessDenied(("websocket-not-allowed",))
-        t3 = perf_counter_ns()
-        verdict = self.decider.decide(ctx)
         t4 = perf_counter_ns()
+        verdict = self.decider.decide(ctx)
+        t5 = perf_counter_ns()
         stages.add("route", t2 - t1)
         stages.add("identity", t3 - t2)
-        stages.add("decide", t4 - t3)
+        stages.add("device", t4 - t3)
+        stages.add("decide", t5 - t4)
         outcome.policy_hash, outcome.rule = verdict.policy_hash, verdict.rule
         outcome.country = verdict.country
         if not verdict.allowed:
             if websocket:
                 # No redirect for a WebSocket: the page's script must reload to log in again.
                 raise AccessDenied(verdict.reasons)
-            raise self._login_or_deny(ctx, verdict)
+            raise self._login_or_deny(ctx, verdict, check, headers)
         outcome.decision = "allow"
         gateway_headers = await self._assert_identity(ctx, outcome, now)
         upstream_headers = upstream_request_headers(
-            scope["headers"],
+            headers,
             peer=peer,
             route=route,
             request_id=ctx.request_id,
             gateway_headers=gateway_headers,
+            extra_dropped=self._dropped,
         )
-        stages.add("headers", perf_counter_ns() - t4)
+        stages.add("headers", perf_counter_ns() - t5)
         return ctx, upstream_headers
+
+    async def _device(  # noqa: PLR0917 — a private step of _admit, called once
+        self,
+        headers: list[tuple[bytes, bytes]],
+        route: Route,
+        peer: Peer,
+        target: Target,
+        method: str,
+        identity: Identity | None,
+        outcome: Outcome,
+    ) -> DeviceCheck:
+        """The device stage; a public route, like for identity, never looks at credentials."""
+        if self.devices is None or route.public:
+            return NO_DEVICE
+        try:
+            return await self.devices.check(
+                headers,
+                peer=peer,
+                target=target,
+                method=method,
+                identity=identity,
+                now=outcome.started,
+            )
+        except DeviceRefused as refused:
+            # On record with who asked, and the device the refused credential named.
+            outcome.ctx = RequestContext(outcome.request_id, method, peer, target, route, identity)
+            outcome.device_id = refused.device_id
+            raise
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -395,10 +493,15 @@ class Pipeline:
                 await self._send_login(send, error, outcome, headers, https, head_only)
                 return
             extra: list[tuple[bytes, bytes]] = []
+            if isinstance(error, DeviceCheckRequired):
+                # Only ever raised for a top-level navigation (see _login_or_deny).
+                extra.append((b"location", error.location.encode()))
             if isinstance(error, IdentityRejected):
                 # RFC 6750 §3: the client learns its token was refused, and why, in one code.
                 challenge = f'{error.www_authenticate}, error_description="{error.code}"'
                 extra.append((b"www-authenticate", challenge.encode()))
+            elif isinstance(error, DeviceRefused) and error.www_authenticate is not None:
+                extra.append((b"www-authenticate", error.www_authenticate.encode()))
             await self.pages.send_error(
                 send,
                 status=error.status,
@@ -425,9 +528,7 @@ class Pipeline:
     ) -> None:
         """A top-level navigation goes to the login page; anything else (a single-page app's
         fetch, a program) gets 401 with the login URL in JSON, never a cross-origin redirect."""
-        fetch_mode = header_value(headers, b"sec-fetch-mode")
-        navigation = (fetch_mode is None or fetch_mode == b"navigate") and not wants_json(headers)
-        if not navigation:
+        if not _is_navigation(headers):
             await self.pages.send_error(
                 send,
                 status=401,

@@ -294,6 +294,104 @@ class AuditConfig(_Section):
         return _local_store_url(value, ("sqlite", "postgresql", "postgres"))
 
 
+_HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# Headers the gateway writes or interprets itself: a client certificate can never arrive in one.
+_RESERVED_HEADERS = frozenset(
+    {"host", "cookie", "authorization", "dpop", "forwarded", "x-forwarded-for", "x-request-id"}
+)
+
+
+class DeviceRateLimits(_Section):
+    """Abuse limits for the device endpoints, per client address and per user (issue #6 §11)."""
+
+    enrol_per_address: RateLimitConfig = RateLimitConfig(per_minute=10, burst=5)
+    enrol_per_user: RateLimitConfig = RateLimitConfig(per_minute=5, burst=3)
+    report_per_address: RateLimitConfig = RateLimitConfig(per_minute=60, burst=20)
+    report_per_user: RateLimitConfig = RateLimitConfig(per_minute=30, burst=10)
+
+
+def _default_loopback_ports() -> list[int]:
+    return list(range(47801, 47806))
+
+
+class DevicesConfig(_Section):
+    """Device trust: the registry, the device CA, enrolment, posture and binding (issue #6).
+
+    Off unless configured: a `devices:` section with any key turns it on (`enabled: false`
+    turns it off again). Without it no device is ever known, so policies' device rules deny.
+    """
+
+    enabled: bool = False
+    store: str = Field(default_factory=lambda: _here("sqlite:///devices.db"))
+    ca_dir: NewPath = Field(default_factory=lambda: Path("device-ca").resolve())
+    certificate_lifetime: Duration = 30 * 86400.0
+    # The policy that approves an enrolment at once (None: every enrolment waits for IT).
+    auto_approve_policy: str | None = None
+    # The policy that guards the IT admin page /.tabiji/devices/admin (None: no admin page).
+    admin_policy: str | None = None
+    enrolment_code_ttl: Duration = 900.0  # an unconfirmed enrolment code expires
+    pending_ttl: Duration = 7 * 86400.0  # a confirmed enrolment waits this long for IT
+    binding_max_age: Duration = 8 * 3600.0  # a browser session re-attests its device after this
+    report_interval: Duration = 300.0  # the agent reports this often (told in every answer)
+    max_clock_skew: Duration = 300.0  # laptop clock vs gateway clock, for reports
+    posture_max_age: Duration = 3600.0  # shown as "stale" on the admin page (policies decide)
+    proof_max_age: Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, le=600)] = 60.0
+    proof_max_skew: Annotated[float, BeforeValidator(_parse_duration), Field(ge=0, le=60)] = 5.0
+    challenge_ttl: Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, le=600)] = 120.0
+    # A header a trusted ingress (nginx) puts the verified client certificate in (URL-encoded
+    # PEM, nginx $ssl_client_escaped_cert); honoured only from `trusted_proxies`.
+    client_cert_header: str | None = None
+    # CAs of TPM endorsement certificates (swtpm_setup's local CA in tests). Empty: TPM
+    # attestation can never verify, so a TPM key counts as "tpm-claimed".
+    attestation_ca_files: list[File] = []
+    loopback_ports: Annotated[list[Port], Field(min_length=1, max_length=16)] = Field(
+        default_factory=_default_loopback_ports
+    )
+    rate_limit: DeviceRateLimits = Field(default_factory=DeviceRateLimits)
+    registry_poll_interval: Duration = 0.5  # how often the registry cache follows the store
+    # The cache could not refresh for this long: every device is unknown (fail closed).
+    registry_stale_after: Duration = 10.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_when_configured(cls, data: object) -> object:
+        if isinstance(data, dict) and data and "enabled" not in data:
+            return {**data, "enabled": True}
+        return data
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        return _local_store_url(value, ("sqlite", "postgresql", "postgres"))
+
+    @field_validator("client_cert_header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        name = value.strip().lower()
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError("a header name is letters, digits and '-', e.g. X-Client-Cert")
+        if name in _RESERVED_HEADERS:
+            raise ValueError(f"'{value}' is a header the gateway reads itself: choose another")
+        return name
+
+    @field_validator("loopback_ports")
+    @classmethod
+    def _ports(cls, value: list[int]) -> list[int]:
+        if any(port < 1024 for port in value):
+            raise ValueError("the agent listens without privileges: ports from 1024 up")
+        if len(set(value)) != len(value):
+            raise ValueError("each loopback port once")
+        return value
+
+    @model_validator(mode="after")
+    def _stale_after_poll(self) -> DevicesConfig:
+        if self.registry_stale_after <= self.registry_poll_interval:
+            raise ValueError("registry_stale_after must be longer than registry_poll_interval")
+        return self
+
+
 def _split_url(value: str, what: str) -> tuple[str, str, int | None, str]:
     parts = urlsplit(value)
     if parts.scheme not in {"http", "https"}:
@@ -409,6 +507,7 @@ class GatewaySettings(BaseSettings):
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     assertion: AssertionConfig = Field(default_factory=AssertionConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
     routes: Annotated[list[RouteConfig], Field(min_length=1)]
 
     @field_validator("public_url")
@@ -570,15 +669,25 @@ def policy_reference_errors(
     named: list[tuple[int, str]] = [
         (i, route.policy) for i, route in enumerate(settings.routes) if route.policy
     ]
+    # Negative indexes: the gateway's own pages' policies, at these places in the file.
+    places: dict[int, tuple[str, ...]] = {
+        -1: ("audit", "view_policy"),
+        -2: ("devices", "admin_policy"),
+        -3: ("devices", "auto_approve_policy"),
+    }
     if settings.audit.view_policy:
-        named.append((-1, settings.audit.view_policy))  # -1: the audit view's policy
+        named.append((-1, settings.audit.view_policy))
+    if settings.devices.enabled and settings.devices.admin_policy:
+        named.append((-2, settings.devices.admin_policy))
+    if settings.devices.enabled and settings.devices.auto_approve_policy:
+        named.append((-3, settings.devices.auto_approve_policy))
     source = document.source if document else "config"
 
     def where(index: int) -> Position:
         if document is None:
             return Position(source, 1, 1)
-        if index == -1:
-            return document.position_of(("audit", "view_policy"))
+        if index < 0:
+            return document.position_of(places[index])
         return document.position_of(("routes", index, "policy"))
 
     if settings.policies is None:

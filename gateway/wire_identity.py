@@ -23,22 +23,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.app_services import Service, periodic, upstream_ssl_context
-from gateway.assertion import (
-    ASSERTION_HEADER,
-    AssertionKeyRing,
-    AssertionMinter,
-    convenience_headers,
-)
+from gateway.assertion import AssertionKeyRing, AssertionMinter, UpstreamAssertions
 from gateway.forward import Forwarder
 from gateway.identity.csrf import Csrf
-from gateway.identity.model import Identity
 from gateway.identity.resolve import IdentityResolver
 from gateway.identity.routes import identity_routes, oidc_refresher
 from gateway.identity.sessions import SessionManager
 from gateway.identity.tokens import BearerIssuer, BearerVerifier
 from gateway.jose import JwksCache
 from gateway.pages import Pages
-from gateway.routing import Route as GatewayRoute
 from gateway.routing import RouteTable, canonical_authority
 from gateway.settings import GatewaySettings
 from gateway.state.base import StateStore
@@ -52,22 +45,6 @@ CSRF_SECRET_FILE = "csrf.secret"  # noqa: S105 — a file name, not a secret
 AuditHook = Callable[[str, Mapping[str, object]], None]
 
 
-class AssertionHeaders:
-    """The pipeline's assertion stage: one signed X-Tabiji-Assertion per (user, route), reused."""
-
-    def __init__(self, minter: AssertionMinter) -> None:
-        self._minter = minter
-        self._header = ASSERTION_HEADER.decode()
-
-    def upstream_headers(
-        self, identity: Identity, route: GatewayRoute, now: float
-    ) -> list[tuple[str, str]]:
-        headers = [(self._header, self._minter.mint(identity, route.origin, now))]
-        if route.identity_headers:
-            headers.extend((k.decode(), v.decode()) for k, v in convenience_headers(identity))
-        return headers
-
-
 @dataclass
 class IdentityParts:
     """What gateway.app needs from the identity side."""
@@ -76,7 +53,7 @@ class IdentityParts:
     store_description: str
     sessions: SessionManager
     resolver: IdentityResolver
-    assertions: AssertionHeaders
+    assertions: UpstreamAssertions
     key_ring: AssertionKeyRing
     routes: list[BaseRoute]
     services: list[Service] = field(default_factory=list)
@@ -239,7 +216,7 @@ def build_identity(
         store_description=describe_store(identity.session.store),
         sessions=sessions,
         resolver=IdentityResolver(sessions, bearer),
-        assertions=AssertionHeaders(minter),
+        assertions=UpstreamAssertions(minter),
         key_ring=key_ring,
         routes=endpoint_routes,
     )

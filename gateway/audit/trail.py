@@ -43,6 +43,7 @@ class _OutcomeLike(Protocol):
     method: str
     target: Any
     client_ip: str
+    device_id: str | None  # a device named by a refused credential (no ctx.device then)
 
 
 def request_event(outcome: _OutcomeLike) -> AuditEvent:
@@ -55,6 +56,10 @@ def request_event(outcome: _OutcomeLike) -> AuditEvent:
     if outcome.code and outcome.decision != "deny" and outcome.code not in reasons:
         reasons = (*reasons, outcome.code)  # an error's code is its reason (target-invalid, …)
     finished = outcome.finished_ns or outcome.started_ns
+    # The device the request was proved to come from (gateway.devices.stage), else the one a
+    # refused proof or certificate named; never a session binding nobody verified.
+    device = ctx.device if ctx is not None else None
+    posture_at = device.posture_at if device is not None else None
     return AuditEvent(
         kind="request",
         time_us=int(outcome.started * 1_000_000),
@@ -75,7 +80,9 @@ def request_event(outcome: _OutcomeLike) -> AuditEvent:
         user_email=identity.email if identity is not None else None,
         groups=tuple(sorted(identity.groups)) if identity is not None else (),
         session_hash=identity.session_hash if identity is not None else None,
-        device_id=identity.device_id if identity is not None else None,
+        device_id=device.id if device is not None else outcome.device_id,
+        posture=device.posture_summary if device is not None else None,
+        posture_age_s=max(0, int(outcome.started - posture_at)) if posture_at is not None else None,
         policy_hash=outcome.policy_hash if outcome.policy_hash != "-" else None,
         rule=outcome.rule,
         decision=_DECISIONS.get(outcome.decision, "error"),

@@ -30,6 +30,7 @@ LOGIN_NS = "login"  # OIDC `state` -> provider, PKCE verifier, nonce, request id
 HANDOFF_REQ_NS = "handoff-req"  # request id -> route host, return path, binding hash
 HANDOFF_NS = "handoff"  # single-use hand-off code -> main hash, host, request id
 BCL_JTI_NS = "bcl-jti"  # back-channel logout token ids already used
+DEVICE_NS = "session-device"  # main hash -> the device bound to the session and when (JSON)
 REVOCATIONS = "revocations"
 
 # The OIDC client's error codes for a refresh (gateway/identity/oidc.py).
@@ -260,10 +261,30 @@ def parse_record(key_hash: str, raw: bytes) -> MainSession | HostSession | None:
         return None
 
 
+DeviceBinding = tuple[str, float]  # (device id, bound at: unix seconds)
+
+
+def parse_binding(raw: bytes | None) -> DeviceBinding | None:
+    """A stored device binding, or None when absent or not one we wrote."""
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        device, at = data["device"], data["at"]
+    except (ValueError, KeyError, TypeError):
+        log.error("a session's device binding is malformed: treated as absent")
+        return None
+    if not isinstance(device, str) or isinstance(at, bool) or not isinstance(at, int | float):
+        log.error("a session's device binding is malformed: treated as absent")
+        return None
+    return device, float(at)
+
+
 class _MainState:
     """The cached, mutable view of one main session in this process."""
 
     __slots__ = (
+        "binding",
         "can_refresh",
         "expires",
         "host",
@@ -274,8 +295,12 @@ class _MainState:
         "written",
     )
 
-    def __init__(self, main: MainSession, seen: float) -> None:
-        self.identity = main.identity()
+    def __init__(self, main: MainSession, seen: float, binding: DeviceBinding | None) -> None:
+        identity = main.identity()
+        if binding is not None:
+            identity = replace(identity, device_id=binding[0])
+        self.identity = identity
+        self.binding = binding
         self.host = main.host
         self.expires = main.expires
         self.idle = main.idle_timeout
@@ -425,12 +450,19 @@ class SessionManager:
         except ValueError:
             return 0.0
 
-    def _remember(self, key: str, entry: _Entry, main: MainSession, seen: float) -> None:
+    def _remember(
+        self,
+        key: str,
+        entry: _Entry,
+        main: MainSession,
+        seen: float,
+        binding: DeviceBinding | None = None,
+    ) -> None:
         if key not in self._entries and len(self._entries) >= self._cache_size:
             self._entries.pop(next(iter(self._entries)))
         self._entries[key] = entry
         state = self._mains.get(main.hash)
-        fresh = _MainState(main, max(seen, main.last_seen))
+        fresh = _MainState(main, max(seen, main.last_seen), binding)
         if state is not None:
             # Keep what this process knows better than the store: later activity, and a local
             # refresh back-off.
@@ -457,7 +489,9 @@ class SessionManager:
         else:
             main = record
             entry = _Entry("main", main.hash, main.host, now)
-        self._remember(key, entry, main, await self._read_seen(main.hash))
+        seen = await self._read_seen(main.hash)
+        binding = parse_binding(await self._store.get(DEVICE_NS, main.hash))
+        self._remember(key, entry, main, seen, binding)
         return entry, self._mains[main.hash]
 
     async def lookup(self, cookie_id: str, host: str, now: float) -> Identity | None:
@@ -508,6 +542,31 @@ class SessionManager:
             self._refreshing.add(main_hash)
             self._spawn(self._refresh(main_hash, now))
         return state.identity
+
+    def device_binding(self, main_hash: str) -> DeviceBinding | None:
+        """The device bound to a session this process has just looked up (O(1), no I/O)."""
+        state = self._mains.get(main_hash)
+        return state.binding if state is not None else None
+
+    async def bind_device(self, main_hash: str, device_id: str, now: float) -> bool:
+        """Bind a device to a live main session (and so to its host sessions), for every worker
+        and replica; False when the session has ended.
+
+        The binding has its own key (like activity) so it never races a refresh's rewrite of the
+        record; the "updated" feed message makes every cache reload it.
+        """
+        main = await self.get_main(main_hash)
+        if main is None or now >= main.expires:
+            return False
+        value = json.dumps({"device": device_id, "at": now}, separators=(",", ":")).encode()
+        await self._store.put(DEVICE_NS, main_hash, value, main.expires - now)
+        if await self._store.get(TOMBSTONE_NS, main_hash) is not None:
+            # Revoked meanwhile: the binding must not outlive the session.
+            await self._store.delete(DEVICE_NS, main_hash)
+            return False
+        self._mains.pop(main_hash, None)
+        await self._store.publish(REVOCATIONS, f"updated:{main_hash}")
+        return True
 
     # -- background work --------------------------------------------------------------------
 
@@ -635,6 +694,7 @@ class SessionManager:
             self._entries.pop(child, None)
         await self._store.delete(SESSION_NS, main_hash)
         await self._store.delete(SEEN_NS, main_hash)
+        await self._store.delete(DEVICE_NS, main_hash)
         if main is not None:
             for index in _indexes(main):
                 await self._store.index_remove(index, main_hash)
