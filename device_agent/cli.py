@@ -536,6 +536,16 @@ def _minutes(text: str) -> float:
     return value
 
 
+def _check_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(say("usage-check-every", default_language()))
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import logging
 
@@ -583,7 +593,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner = Runner(
         device,
         collect_facts,
-        schedule=Schedule(report_every=args.interval * 60),
+        schedule=Schedule(report_every=args.interval * 60, collect_every=args.check_every),
         loopback_port=port,
         on_report=on_report,
         on_trouble=on_trouble,
@@ -639,6 +649,13 @@ def build_parser(language: str) -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--interval", type=_minutes, default=5.0, metavar="MINUTES", help=text("help-interval")
+    )
+    run.add_argument(
+        "--check-every",
+        type=_check_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help=text("help-check-every"),
     )
     run.set_defaults(handler=cmd_run)
 

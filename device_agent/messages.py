@@ -60,6 +60,11 @@ MESSAGES: Final[dict[str, dict[str, str]]] = {
         "ja": "定期報告の間隔（分、ゲートウェイの指定が優先）",
         "en": "report interval in minutes (the gateway's answer wins)",
     },
+    "help-check-every": {
+        "ja": "端末の状態を調べる間隔（秒、既定 30）。変化があればすぐ報告します",
+        "en": "how often to look at the device's state, in seconds (default 30); "
+        "a change is reported at once",
+    },
     "help-gateway": {
         "ja": "ゲートウェイの URL（https://…）",
         "en": "the gateway's URL (https://…)",
@@ -77,6 +82,10 @@ MESSAGES: Final[dict[str, dict[str, str]]] = {
     "usage-interval": {
         "ja": "報告の間隔は 1〜1440 分で指定してください。",
         "en": "Give the report interval in minutes, from 1 to 1440.",
+    },
+    "usage-check-every": {
+        "ja": "状態を調べる間隔は 1〜3600 秒で指定してください。",
+        "en": "Give the check interval in seconds, from 1 to 3600.",
     },
     # -- status --
     "not-enrolled": {
