@@ -1,8 +1,10 @@
 """The demo upstream, 「庁内グループウェア」: a tiny internal web app to put behind the gateway.
 
 It shows what the gateway told it (forwarded headers, request id, and who the user is: the
-X-Tabiji-Assertion verified against the gateway's /.tabiji/jwks.json) and echoes WebSocket
-messages. Listens on loopback only. Run: python -m gateway.demo.upstream --port 9001
+X-Tabiji-Assertion verified against the gateway's /.tabiji/jwks.json), echoes WebSocket messages,
+and at /jumin/ shows 「住民記録」 only to a request whose verified assertion names the device
+the gateway proved (device claims). Listens on loopback only.
+Run: python -m gateway.demo.upstream --port 9001
 Verifies with `cryptography` directly (pyjwt lives in gateway/jose.py only).
 """
 
@@ -18,6 +20,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
@@ -126,7 +129,8 @@ def _plain(value: str) -> str:
     return unquote(value[len("UTF-8''") :]) if value.startswith("UTF-8''") else value
 
 
-async def _identity_section(request: Request) -> str:
+async def _verified_claims(request: Request) -> dict[str, Any] | str:
+    """The verified assertion's claims, or the HTML that says why there are none."""
     token = request.headers.get(ASSERTION_HEADER)
     if not token:
         return (
@@ -137,12 +141,22 @@ async def _identity_section(request: Request) -> str:
     if verifier is None:
         return "<h2>利用者 / User</h2><p>検証の設定がありません / not configured to verify</p>"
     try:
-        claims = await verifier.verify(token)
+        return await verifier.verify(token)
     except ValueError as error:
         return (
             "<h2>利用者 / User</h2><p><strong>X-Tabiji-Assertion を信用しません / rejected: "
             f"{html.escape(str(error))}</strong></p>"
         )
+
+
+async def _identity_section(request: Request) -> str:
+    claims = await _verified_claims(request)
+    if isinstance(claims, str):
+        return claims
+    return _identity_html(claims)
+
+
+def _identity_html(claims: dict[str, Any]) -> str:
     rows = "".join(
         f"<tr><th>{html.escape(label)}</th>"
         f"<td>{html.escape(str(claims.get(name) or '—'))}</td></tr>"
@@ -181,7 +195,86 @@ async def home(request: Request) -> Response:
         "<h1>庁内グループウェア（デモ）</h1>"
         "<p>この画面は Tabiji ゲートウェイを通して表示されています。</p>"
         f"{await _identity_section(request)}"
+        '<p><a href="/jumin/">住民記録（登録・承認済みの端末から）</a> / '
+        "resident records (from an approved device)</p>"
         f"<h2>届いたヘッダ / Headers received</h2><table>{rows}</table></html>"
+    )
+    return HTMLResponse(body)
+
+
+# Where the device key lives, as the gateway vouches for it (assertion claim device_trust).
+TRUST_WORDS = {
+    "tpm": "TPM（セキュリティチップ、証明を確認済み）/ TPM, attestation verified",
+    "tpm-claimed": "TPM（証明は未確認）/ TPM, not verified",
+    "software": "ファイル（本人だけが読める鍵ファイル）/ a key file only its user can read",
+}
+# Fictional residents: the demo's stand-in for a system that must never open on a lost laptop.
+DEMO_RESIDENTS = (
+    ("R-000123", "旅路 一郎", "1980-04-01", "旅路町 1-2-3"),
+    ("R-000124", "旅路 花", "1982-11-23", "旅路町 1-2-3"),
+    ("R-000311", "港 太郎", "1955-07-07", "旅路町 港 4-5"),
+)
+
+
+def _posture_time(value: object, now: float) -> str:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return "—"
+    when = datetime.fromtimestamp(value, UTC).astimezone().isoformat(timespec="seconds")
+    minutes = max(0, int(now - value) // 60)
+    return f"{when}（{minutes} 分前 / {minutes} min ago）"
+
+
+def _device_html(claims: dict[str, Any], now: float) -> str:
+    trust = str(claims.get("device_trust"))
+    rows = "".join(
+        f"<tr><th>{html.escape(label)}</th><td>{html.escape(value)}</td></tr>"
+        for label, value in (
+            ("端末 ID / device_id", str(claims["device_id"])),
+            ("鍵の保管 / device_trust", TRUST_WORDS.get(trust, trust)),
+            ("状態の報告 / device_posture_at", _posture_time(claims.get("device_posture_at"), now)),
+        )
+    )
+    return (
+        "<h2>この端末 / This device</h2>"
+        "<p>ゲートウェイが確認した端末です（署名付きの X-Tabiji-Assertion の device クレーム）。"
+        "ゲートウェイのポリシー jumin-kiroku が、承認済みの本人の端末で、ディスクが暗号化され、"
+        "状態の報告が 15 分以内であることを確かめてから通しています。<br>"
+        "The device the gateway proved, from the signed assertion's device claims. The gateway's "
+        "policy let the request through only from the user's own approved device with an "
+        "encrypted disk and a posture report from the last 15 minutes.</p>"
+        f"<table>{rows}</table>"
+    )
+
+
+async def jumin(request: Request) -> Response:
+    """「住民記録」: shown only when the verified assertion names a device the gateway proved —
+    the app checks for itself too, so a route without device trust (the public localhost one)
+    never shows the records."""
+    claims = await _verified_claims(request)
+    head = (
+        "<!doctype html><html lang=ja><meta charset=utf-8>"
+        "<title>住民記録 — 庁内グループウェア</title>"
+        "<h1>住民記録（デモ）</h1>"
+    )
+    if isinstance(claims, str):
+        return HTMLResponse(head + claims + "</html>", status_code=403)
+    if not isinstance(claims.get("device_id"), str):
+        refusal = (
+            "<p><strong>端末の確認がない要求には住民記録を表示しません。</strong><br>"
+            "No device was proved for this request: the records stay closed.</p>"
+        )
+        return HTMLResponse(head + _identity_html(claims) + refusal + "</html>", status_code=403)
+    records = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in resident) + "</tr>"
+        for resident in DEMO_RESIDENTS
+    )
+    body = (
+        head
+        + _identity_html(claims)
+        + _device_html(claims, time.time())
+        + "<h2>住民記録（架空のデータ）/ Resident records (fictional)</h2>"
+        "<table><tr><th>番号</th><th>氏名</th><th>生年月日</th><th>住所</th></tr>"
+        f"{records}</table></html>"
     )
     return HTMLResponse(body)
 
@@ -220,6 +313,8 @@ def build_app(verifier: AssertionVerifier | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/", home),
+            Route("/jumin", jumin),
+            Route("/jumin/", jumin),
             Route("/headers", echo_headers, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
             WebSocketRoute("/ws", websocket_echo),
         ]

@@ -615,9 +615,10 @@ def test_the_demo_flag_lets_a_non_loopback_address_through_with_a_warning(
 
 
 def test_the_shipped_users_file_has_the_demo_accounts() -> None:
-    """users.yaml holds the four demo accounts; only hanako has a one-time code."""
+    """users.yaml holds the five demo accounts (joho is IT); only hanako has a one-time code."""
     users = {user.username: user for user in load_users(Path("gateway/demo/users.yaml"))}
-    assert set(users) == {"hanako", "ken", "auditor", "contractor"}
+    assert set(users) == {"hanako", "ken", "auditor", "contractor", "joho"}
+    assert users["joho"].groups == ("staff", "it-admins")
     assert users["hanako"].groups == ("staff", "soumu")
     assert [name for name, user in users.items() if user.otp] == ["hanako"]
     assert users["contractor"].groups == ()

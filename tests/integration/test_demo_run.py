@@ -2,14 +2,19 @@
 user signs in through the whole chain (httpx and Chromium), and SIGTERM stops every process.
 
 The demo runs as `python -m gateway.cli demo` in a subprocess on free ports, as a person runs it.
-Also here: the demo policies' own cases, the generated config, and the demo upstream's check of
-X-Tabiji-Assertion (gateway/demo/upstream.py).
+Device trust in the demo: 「住民記録」 (/jumin/) needs the user's own approved device with an
+encrypted disk; a real `tabiji-agent` (a file key in a temporary TABIJI_AGENT_HOME, no TPM) enrols
+through the gateway's endpoints, answers the browser's device check on loopback and reports its
+posture. Also here: the demo policies' own cases, the generated config, and the demo upstream's
+check of X-Tabiji-Assertion and of its device claims (gateway/demo/upstream.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import html
 import io
+import json
 import os
 import re
 import shutil
@@ -17,12 +22,13 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import jwt
@@ -30,7 +36,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.cli import main as tabiji
-from gateway.demo.run import DEMO_POLICIES, prepare
+from gateway.demo.run import DEMO_POLICIES, FACTS_OVERRIDE, banner, prepare
 from gateway.demo.upstream import AssertionVerifier
 from gateway.demo.upstream import build_app as build_upstream
 from gateway.settings import load_settings
@@ -61,6 +67,37 @@ def test_the_generated_demo_config_is_valid(tmp_path: Path) -> None:
     assert settings.policies is not None
     assert settings.policies.dir == tmp_path / "policies"
     assert tabiji(["check-config", str(config)]) == 0
+
+
+def test_the_demo_config_turns_device_trust_on_in_its_own_directory(tmp_path: Path) -> None:
+    """Device trust is on, with its registry and CA in the demo's directory, staff enrolments
+    approved by policy, the IT page guarded by policy, and 住民記録 on its own device route."""
+    settings = load_settings(prepare(tmp_path, 18080, 19001, 19000))
+    devices = settings.devices
+    assert devices.enabled
+    assert devices.store == f"sqlite:///{tmp_path}/devices.db"
+    assert devices.ca_dir == tmp_path / "device-ca"
+    assert devices.auto_approve_policy == "device-enrolment"
+    assert devices.admin_policy == "device-admin"
+    routes = {route.name: route for route in settings.routes}
+    assert routes["jumin-kiroku"].from_ == "http://127.0.0.1:18080/jumin"
+    assert routes["jumin-kiroku"].policy == "jumin-kiroku"
+    assert routes["groupware"].policy == "groupware"  # the existing pages need no device
+    override = json.loads((tmp_path / FACTS_OVERRIDE).read_text("utf-8"))
+    assert override == {"disk_encrypted": True}
+
+
+def test_the_banner_says_how_to_try_device_trust(tmp_path: Path) -> None:
+    """The banner lists joho (IT) with the other users, the agent's enrol and run commands with
+    the demo's own agent home, the device route, the IT page and the facts-file test hook."""
+    text = banner(18080, 19000, tmp_path)
+    assert re.search(r"joho\s+joho-demo\s+情報 太郎（staff, it-admins）", text)
+    assert f"export TABIJI_AGENT_HOME={tmp_path / 'agent'}" in text
+    assert re.search(r"\S*tabiji-agent enroll http://127\.0\.0\.1:18080\n", text)
+    assert re.search(r"\S*tabiji-agent run\n", text)
+    assert "http://127.0.0.1:18080/jumin/" in text
+    assert "http://127.0.0.1:18080/.tabiji/devices" in text
+    assert f"TABIJI_AGENT_FACTS_FILE={tmp_path / FACTS_OVERRIDE}" in text
 
 
 # -- the running demo --------------------------------------------------------------------------
@@ -221,8 +258,33 @@ class _Forms(HTMLParser):
         fields = dict(attrs)
         if tag == "form":
             self.forms.append({})
-        elif tag == "input" and self.forms and fields.get("name"):
+        elif tag in ("input", "button") and self.forms and fields.get("name"):
+            # A form's one named submit button is sent too, as a click on it would.
             self.forms[-1][str(fields["name"])] = fields.get("value") or ""
+
+
+def last_form(page: httpx.Response) -> dict[str, str]:
+    parser = _Forms()
+    parser.feed(page.text)
+    return parser.forms[-1]
+
+
+def sign_in(
+    browser: httpx.Client,
+    demo: Demo,
+    username: str,
+    password: str,
+    otp: str = "",
+    *,
+    path: str = "/",
+) -> httpx.Response:
+    """Open `path`, get sent to the demo provider, sign in, follow the way back."""
+    login = browser.get(demo.origin + path, headers={"accept": "text/html"})
+    assert login.url.path == "/authorize", login.text[:2000]
+    assert str(login.url).startswith(demo.idp)
+    form = last_form(login)
+    form.update(username=username, password=password, otp=otp)
+    return browser.post(demo.idp + "/authorize", data=form)
 
 
 def sign_in_through_the_gateway(
@@ -230,14 +292,7 @@ def sign_in_through_the_gateway(
 ) -> httpx.Response:
     """Open the groupware, get sent to the demo provider, sign in, follow the way back."""
     with httpx.Client(timeout=10, follow_redirects=True) as browser:
-        login = browser.get(demo.origin + "/", headers={"accept": "text/html"})
-        assert login.url.path == "/authorize", login.text[:2000]
-        assert str(login.url).startswith(demo.idp)
-        parser = _Forms()
-        parser.feed(login.text)
-        form = parser.forms[-1]
-        form.update(username=username, password=password, otp=otp)
-        return browser.post(demo.idp + "/authorize", data=form)
+        return sign_in(browser, demo, username, password, otp)
 
 
 @pytest.mark.integration
@@ -254,6 +309,221 @@ def test_a_demo_user_signs_in_and_the_groupware_shows_who_they_are(tmp_path: Pat
         refused = sign_in_through_the_gateway(demo, "contractor", "contractor-demo")
         assert refused.status_code == 403
         assert "庁内グループウェア（デモ）" not in refused.text
+
+
+# -- device trust in the running demo, with a real tabiji-agent ----------------------------------
+
+NAVIGATE = {"accept": "text/html", "sec-fetch-mode": "navigate"}
+FETCH = {"accept": "text/html", "sec-fetch-mode": "cors"}  # a page's own request: no redirect
+AGENT_SCRIPT = Path(sys.executable).with_name("tabiji-agent")
+AGENT_TIMEOUT = 60.0
+
+
+@dataclass
+class Agent:
+    """One `tabiji-agent` command in a subprocess; its output is read as it comes."""
+
+    process: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, home: Path, facts: Path, *args: str) -> Agent:
+        if AGENT_SCRIPT.exists():
+            command = [str(AGENT_SCRIPT)]
+        else:
+            command = [sys.executable, "-m", "device_agent.cli"]
+        # A file key (no TCTI, no TPM), state in `home`, posture facts overridden from `facts`.
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("TABIJI_") and key not in ("DISPLAY", "WAYLAND_DISPLAY")
+        }
+        env.update(TABIJI_AGENT_HOME=str(home), TABIJI_AGENT_FACTS_FILE=str(facts))
+        process = subprocess.Popen(
+            [*command, *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        agent = cls(process)
+        assert process.stdout is not None
+        agent.reader = threading.Thread(target=agent._read, args=(process.stdout,), daemon=True)
+        agent.reader.start()
+        return agent
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str) -> re.Match[str]:
+        """The first match of `pattern` in the output, once it is printed."""
+        deadline = time.monotonic() + AGENT_TIMEOUT
+        while time.monotonic() < deadline:
+            ended = self.process.poll() is not None
+            if ended:
+                self._drain()
+            found = re.search(pattern, self.output())
+            if found:
+                return found
+            if ended:
+                pytest.fail(f"tabiji-agent exited {self.process.returncode}:\n{self.output()}")
+            time.sleep(0.05)
+        pytest.fail(f"tabiji-agent never printed {pattern!r}:\n{self.output()}")
+
+    def _drain(self) -> None:
+        """Every line printed, once the process has ended (the reader sees the pipe close)."""
+        if self.reader is not None:
+            self.reader.join(STOP_TIMEOUT)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def finish(self) -> int:
+        """Its exit code, once it ends by itself, with all of its output read."""
+        code = self.process.wait(AGENT_TIMEOUT)
+        self._drain()
+        return code
+
+    def stop(self) -> None:
+        """SIGTERM by its PID (SIGKILL if it does not stop); its output is then all read."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._drain()
+
+
+@contextlib.contextmanager
+def agent_command(home: Path, facts: Path, *args: str) -> Iterator[Agent]:
+    agent = Agent.start(home, facts, *args)
+    try:
+        yield agent
+    finally:
+        agent.stop()
+
+
+def pass_the_device_check(browser: httpx.Client, page: httpx.Response) -> httpx.Response:
+    """What Chromium does on /.tabiji/device/check: follow its refresh to the agent on loopback,
+    which signs the challenge and sends the browser back to the gateway, then to the page."""
+    assert page.url.path == "/.tabiji/device/check", page.text[:2000]
+    found = re.search(r'http-equiv="refresh" content="0; url=([^"]+)"', page.text)
+    assert found, page.text[:2000]
+    agent_url = html.unescape(found.group(1))
+    assert agent_url.startswith("http://127.0.0.1:")
+    return browser.get(agent_url, headers=NAVIGATE)
+
+
+def enrol_through_the_gateway(
+    browser: httpx.Client, demo: Demo, home: Path, facts: Path
+) -> tuple[str, str]:
+    """`tabiji-agent enroll`: the signed-in person opens its link and confirms; the agent ends
+    approved at once (staff). Returns the device id and the agent's output."""
+    with agent_command(home, facts, "enroll", demo.origin, "--no-browser", "--lang", "en") as agent:
+        link = agent.wait_for(r"(http://127\.0\.0\.1:\d+/\.tabiji/devices/confirm\?code=\S+)")
+        confirm = browser.get(link.group(1), headers=NAVIGATE)
+        assert confirm.status_code == 200, confirm.text[:2000]
+        form = last_form(confirm)
+        assert form.get("confirm") == "yes"
+        # A browser's form post carries its page's Origin (the gateway's CSRF check wants it).
+        done = browser.post(
+            demo.origin + "/.tabiji/devices/confirm", data=form, headers={"origin": demo.origin}
+        )
+        assert done.status_code == 200, done.text[:2000]
+        assert agent.finish() == 0, agent.output()
+        device_id = agent.wait_for(r"Enrolment complete \(device id: (dev-[0-9a-f]+)\)").group(1)
+        return device_id, agent.output()
+
+
+@pytest.mark.integration
+def test_the_device_route_refuses_a_request_without_a_device(tmp_path: Path) -> None:
+    """Signed in but with no device: a navigation to 住民記録 goes to the device check (which
+    sends the browser on to the agent's loopback port), a page's own request gets the
+    device-unenrolled page, and the groupware itself still opens without any device."""
+    with (
+        running_demo(tmp_path) as demo,
+        httpx.Client(timeout=10, follow_redirects=True) as browser,
+    ):
+        home = sign_in(browser, demo, "hanako", "hanako-demo", "123456")
+        assert "山田 花子" in home.text
+        assert 'href="/jumin/"' in home.text  # the groupware links to the records
+        navigation = browser.get(demo.origin + "/jumin/", headers=NAVIGATE, follow_redirects=False)
+        assert navigation.status_code in {302, 303}
+        assert navigation.headers["location"] == "/.tabiji/device/check?rd=%2Fjumin%2F"
+        check = browser.get(demo.origin + navigation.headers["location"], headers=NAVIGATE)
+        assert check.status_code == 200
+        assert re.search(r"url=http://127\.0\.0\.1:4780[1-5]/tabiji/attest\?challenge=", check.text)
+        fetched = browser.get(demo.origin + "/jumin/", headers=FETCH)
+        assert fetched.status_code == 403
+        assert "この端末は登録されていません" in fetched.text  # device-unenrolled, ja first
+        assert "This device is not registered" in fetched.text
+        assert "旅路 一郎" not in fetched.text
+        groupware = browser.get(demo.origin + "/", headers=NAVIGATE)
+        assert groupware.status_code == 200
+        assert "ようこそ、山田 花子 さん" in groupware.text
+        # The public localhost route reaches the app, which shows no records without a device.
+        public = httpx.get(demo.origin + "/jumin/", headers={"host": f"localhost:{demo.port}"})
+        assert public.status_code == 403
+        assert "旅路 一郎" not in public.text
+
+
+@pytest.mark.integration
+def test_an_enrolled_agent_opens_the_device_route_and_it_shows_to_it(tmp_path: Path) -> None:
+    """hanako enrols this computer with the real tabiji-agent (approved at once: staff); with an
+    unencrypted disk the agent's browser check binds the device and the deny page explains the
+    fix; after a report with an encrypted disk 住民記録 opens and shows the device from the
+    signed assertion; joho (IT) sees the device at /.tabiji/devices, hanako may not."""
+    home, facts = tmp_path / "agent", tmp_path / "facts.json"
+    facts.write_text('{"disk_encrypted": false}', "utf-8")
+    with (
+        running_demo(tmp_path) as demo,
+        httpx.Client(timeout=10, follow_redirects=True) as browser,
+    ):
+        sign_in(browser, demo, "hanako", "hanako-demo", "123456")
+        device_id, enrolled = enrol_through_the_gateway(browser, demo, home, facts)
+        assert "file only you can read" in enrolled  # a file key: no TPM here
+        with agent_command(home, facts, "run", "--lang", "en") as runner:
+            runner.wait_for(r"Last report \(.*\): accepted\.")
+            check = browser.get(demo.origin + "/jumin/", headers=NAVIGATE)
+            refused = pass_the_device_check(browser, check)
+            assert "This device's disk is not encrypted" in runner.wait_for(
+                r"(?s)Some systems stay closed.*?\n.*?\n"
+            ).group(0)
+        # Bound to the session now: the refusal is about the disk, with what to do.
+        assert refused.status_code == 403, refused.text[:2000]
+        assert refused.url.path == "/jumin/"
+        assert "この端末のディスクが暗号化されていません" in refused.text
+        assert "FileVault" in refused.text  # the fix, from the gateway's catalogue
+        assert "旅路 一郎" not in refused.text
+
+        facts.write_text('{"disk_encrypted": true}', "utf-8")
+        with agent_command(home, facts, "report", "--lang", "en") as report:
+            assert report.finish() == 0, report.output()
+            assert "meets the gateway's requirements" in report.output()
+        records = browser.get(demo.origin + "/jumin/", headers=NAVIGATE)
+        assert records.status_code == 200, records.text[:2000]
+        assert "住民記録（デモ）" in records.text
+        assert "旅路 一郎" in records.text
+        assert f"<td>{device_id}</td>" in records.text  # from the verified assertion
+        assert "ファイル（本人だけが読める鍵ファイル）" in records.text  # device_trust: software
+        assert "device_posture_at" in records.text
+        # The pages without device trust are unchanged.
+        assert browser.get(demo.origin + "/", headers=NAVIGATE).status_code == 200
+
+        with httpx.Client(timeout=10, follow_redirects=True) as it:
+            admin = sign_in(it, demo, "joho", "joho-demo", path="/.tabiji/devices")
+            assert admin.status_code == 200, admin.text[:2000]
+            assert admin.url.path == "/.tabiji/devices"
+            assert f'data-device="{device_id}"' in admin.text
+            assert "hanako@town.example" in admin.text
+        assert browser.get(demo.origin + "/.tabiji/devices", headers=NAVIGATE).status_code == 403
 
 
 # -- the demo upstream shows the identity it received -------------------------------------------
@@ -316,6 +586,36 @@ async def test_the_demo_upstream_shows_the_verified_user(
     assert "soumu, staff" in page.text
     assert "偽者" not in forged.text
     assert "rejected" in forged.text
+
+
+@pytest.mark.anyio
+async def test_the_demo_records_page_shows_the_device_the_assertion_names(
+    signer: tuple[ec.EllipticCurvePrivateKey, AssertionVerifier],
+) -> None:
+    """住民記録 shows the records and the verified device claims (id, key storage, report time)
+    only when the assertion names a device; without one, or without an assertion, it is 403."""
+    key, verifier = signer
+    reported = int(time.time()) - 120
+    with_device = _claims(device_id="dev-0123abcd", device_trust="tpm", device_posture_at=reported)
+    app = build_upstream(verifier)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://up"
+    ) as client:
+        shown = await client.get("/jumin/", headers={"x-tabiji-assertion": _sign(key, with_device)})
+        no_device = await client.get(
+            "/jumin/", headers={"x-tabiji-assertion": _sign(key, _claims())}
+        )
+        anonymous = await client.get("/jumin")
+    assert shown.status_code == 200
+    assert "<td>dev-0123abcd</td>" in shown.text
+    assert "TPM（セキュリティチップ、証明を確認済み）" in shown.text
+    assert "2 分前" in shown.text
+    assert "旅路 一郎" in shown.text
+    for refused in (no_device, anonymous):
+        assert refused.status_code == 403
+        assert "旅路 一郎" not in refused.text
+    assert "端末の確認がない要求には住民記録を表示しません" in no_device.text
+    assert "本人情報は届いていません" in anonymous.text
 
 
 @pytest.mark.anyio
@@ -440,4 +740,38 @@ def test_signing_out_in_chromium_also_ends_the_provider_login(tmp_path: Path) ->
         page.goto(demo.origin + "/")
         assert page.url.startswith(demo.idp + "/authorize")
         assert page.locator("input[name=continue]").count() == 0
+        assert not [text for text in errors if "Content Security Policy" in text]
+
+
+@pytest.mark.integration
+def test_the_device_check_in_chromium_ends_on_the_disk_fix_then_the_records(
+    tmp_path: Path,
+) -> None:
+    """In Chromium: 住民記録 sends hanako through the device check to the running agent and back
+    (the meta refresh, silently); the unencrypted disk is refused with its fix, and after a
+    report with an encrypted disk the same page shows the records."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    home, facts = tmp_path / "agent", tmp_path / "facts.json"
+    facts.write_text('{"disk_encrypted": false}', "utf-8")
+    with (
+        running_demo(tmp_path) as demo,
+        httpx.Client(timeout=10, follow_redirects=True) as enroller,
+        chromium_page() as (page, errors),
+    ):
+        sign_in(enroller, demo, "hanako", "hanako-demo", "123456")
+        device_id, _ = enrol_through_the_gateway(enroller, demo, home, facts)
+        sign_in_with_chromium(page, demo)
+        with agent_command(home, facts, "run", "--lang", "en") as runner:
+            runner.wait_for(r"Last report \(.*\): accepted\.")
+            page.goto(demo.origin + "/jumin/")
+            page.wait_for_url(demo.origin + "/jumin/")
+            assert "この端末のディスクが暗号化されていません" in page.content()
+            page.screenshot(path=str(ARTIFACTS / "demo-device-disk-unencrypted.png"))
+        facts.write_text('{"disk_encrypted": true}', "utf-8")
+        with agent_command(home, facts, "report") as report:
+            assert report.finish() == 0, report.output()
+        page.reload()
+        assert "旅路 一郎" in page.content()
+        assert device_id in page.content()
+        page.screenshot(path=str(ARTIFACTS / "demo-jumin-records.png"))
         assert not [text for text in errors if "Content Security Policy" in text]
