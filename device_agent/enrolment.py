@@ -222,9 +222,13 @@ class Enroller:
         self, key: DeviceKey, ticket: EnrolmentTicket, answer: str | None, record: Enrolment
     ) -> Enrolment:
         deadline = self.clock() + ticket.expires_in
-        delay = ticket.poll_interval
+        # A TPM credential answer goes out at once: until the gateway has it the key counts as
+        # "tpm-claimed", and a user who confirms quickly must not get a device approved (or
+        # refused) by a policy on key storage just because the answer was still waiting here.
+        delay = 0.0 if answer is not None else ticket.poll_interval
         while self.clock() < deadline:
-            self.sleep(delay)
+            if delay > 0:
+                self.sleep(delay)
             delay = ticket.poll_interval
             request: dict[str, object] = {"enrolment_id": ticket.enrolment_id}
             if answer is not None:

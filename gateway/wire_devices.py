@@ -22,9 +22,9 @@ from gateway.decide import PolicyHolder
 from gateway.devices.attestation import AttestationVerifier
 from gateway.devices.binding import DeviceBindingEndpoints
 from gateway.devices.ca import DeviceCA
-from gateway.devices.enrollment import enrolment_routes, expire_pending, policy_auto_approve
+from gateway.devices.enrollment import EnrolmentEndpoints, expire_pending, policy_auto_approve
 from gateway.devices.fixes import DeviceAdvisor, PolicyTarget
-from gateway.devices.intake_http import device_api_routes
+from gateway.devices.intake_http import DeviceApi
 from gateway.devices.model import DeviceRecord
 from gateway.devices.posture import PostureIntake
 from gateway.devices.registry import DeviceRegistry
@@ -38,7 +38,7 @@ from gateway.settings import GatewaySettings
 from gateway.state.base import StateStore
 from gateway.state.factory import open_state_store
 from gateway.state.ratelimit import RateLimiter
-from gateway.web.devices_admin import admin_routes
+from gateway.web.devices_admin import DevicesAdmin
 from gateway.web.guard import PolicyGuard
 from gateway.wire_identity import CSRF_SECRET_FILE, IdentityParts, load_or_create_secret
 from policies.geoip import GeoIP
@@ -175,7 +175,7 @@ def build_devices(
     advisor = DeviceAdvisor(holder=holder, targets=_targets(routes), catalogue=pages.catalogue)
     limits = config.rate_limit
     endpoints: list[BaseRoute] = list(
-        device_api_routes(
+        DeviceApi(
             intake=PostureIntake(registry, audience=origin, max_skew=int(config.max_clock_skew)),
             registry=registry,
             ca=ca,
@@ -193,7 +193,7 @@ def build_devices(
             report_interval=int(config.report_interval),
             proof_max_age=int(config.proof_max_age),
             proof_max_skew=int(config.proof_max_skew),
-        )
+        ).routes()
     )
     if identity is not None:
         endpoints += _identity_endpoints(
@@ -244,7 +244,7 @@ def _identity_endpoints(
     )
     auto = config.auto_approve_policy
     endpoints: list[BaseRoute] = list(
-        enrolment_routes(
+        EnrolmentEndpoints(
             registry=registry,
             store=registry.store,
             ca=ca,
@@ -269,7 +269,7 @@ def _identity_endpoints(
             code_ttl=config.enrolment_code_ttl,
             pending_ttl=config.pending_ttl,
             max_skew=int(config.max_clock_skew),
-        )
+        ).routes()
     )
     endpoints += DeviceBindingEndpoints(
         sessions=identity.sessions,
@@ -291,7 +291,7 @@ def _identity_endpoints(
             pages=pages,
             geoip=geoip,
         )
-        endpoints += admin_routes(
+        endpoints += DevicesAdmin(
             guard=guard,
             resolver=identity.resolver,
             registry=registry,
@@ -300,7 +300,7 @@ def _identity_endpoints(
             csrf=csrf,
             audit=audit,
             posture_max_age=config.posture_max_age,
-        )
+        ).routes()
     return endpoints
 
 

@@ -10,11 +10,9 @@ Must not import gateway.settings.
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
@@ -30,8 +28,9 @@ from gateway.identity.resolve import session_cookie_name, single_cookie
 from gateway.identity.returnto import safe_return_path
 from gateway.pages import Pages
 from gateway.routing import canonical_authority
-
-log = logging.getLogger("tabiji.devices")
+from gateway.web.endpoint_audit import Audit, audit_action
+from gateway.web.responses import error_page, redirect, respond
+from gateway.web.where import Where, where_of
 
 CHECK_PATH = "/.tabiji/device/check"
 ATTESTED_PATH = "/.tabiji/device/attested"
@@ -41,7 +40,6 @@ ATTEST_NS = "attest"  # state store namespace: challenge -> session hash, origin
 CHALLENGE_BYTES = 32
 MAX_CHALLENGE = 128
 MAX_DEVICE_ID = 64
-Audit = Callable[[str, Mapping[str, object]], None]
 
 
 class BindingSessions(Protocol):
@@ -80,31 +78,6 @@ class _Refused(Exception):
         self.status = status
         self.code = code
         self.note = note
-
-
-@dataclass(frozen=True, slots=True)
-class _Where:
-    """The origin the client reached (the pipeline's trusted-proxy-aware Peer)."""
-
-    scheme: str
-    authority: str
-    client_ip: str
-
-    @property
-    def https(self) -> bool:
-        return self.scheme == "https"
-
-    @property
-    def origin(self) -> str:
-        return f"{self.scheme}://{self.authority}"
-
-
-def _response(status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> Response:
-    response = Response(body, status_code=status)
-    for name, value in headers:
-        if name != b"content-length":
-            response.headers.append(name.decode("latin-1"), value.decode("latin-1"))
-    return response
 
 
 def choose_port(devices: Sequence[DeviceRecord], ports: Sequence[int]) -> int:
@@ -161,55 +134,28 @@ class DeviceBindingEndpoints:
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _where(request: Request) -> _Where:
-        peer = request.scope.get("tabiji.peer")
-        if peer is not None:
-            return _Where(peer.scheme, peer.authority, peer.client_ip)
-        scheme = request.url.scheme
-        client = request.client.host if request.client else "-"
-        return _Where(scheme, canonical_authority(request.headers.get("host", ""), scheme), client)
-
-    async def _identity(self, request: Request, where: _Where, now: float) -> Identity | None:
+    async def _identity(self, request: Request, where: Where, now: float) -> Identity | None:
         cookie = single_cookie(request.scope["headers"], session_cookie_name(where.https))
         if cookie is None:
             return None
         return await self.sessions.lookup(cookie, where.authority, now)
 
-    def _audit(self, action: str, request: Request, where: _Where, **fields: object) -> None:
-        if self.audit_hook is None:
-            return
-        record: dict[str, object] = {
-            "client_ip": where.client_ip,
-            "host": where.authority,
-            "request_id": request.scope.get("tabiji.request_id", "-"),
-        }
-        record.update(fields)
-        try:
-            self.audit_hook(action, record)
-        except Exception:
-            log.exception("the audit hook failed for %s", action)
+    def _audit(self, action: str, request: Request, where: Where, **fields: object) -> None:
+        audit_action(self.audit_hook, action, request, where, **fields)
 
-    def _error(self, request: Request, where: _Where, refused: _Refused) -> Response:
-        headers, body = self.pages.render_error(
-            status=refused.status,
-            code=refused.code,
-            request_id=request.scope.get("tabiji.request_id", "-"),
-            request_headers=request.scope["headers"],
-            https=where.https,
+    def _error(self, request: Request, where: Where, refused: _Refused) -> Response:
+        return error_page(
+            self.pages, request, https=where.https, status=refused.status, code=refused.code
         )
-        return _response(refused.status, body, headers)
 
-    def _redirect(self, where: _Where, location: str) -> Response:
-        headers = self.pages.security_headers(where.https)
-        headers.append((b"location", location.encode()))
-        return _response(302, b"", headers)
+    def _redirect(self, where: Where, location: str) -> Response:
+        return redirect(self.pages, location, https=where.https)
 
     # -- endpoints ----------------------------------------------------------------------------
 
     async def check(self, request: Request) -> Response:
         """Make a challenge for this session and send the browser to its device agent."""
-        where = self._where(request)
+        where = where_of(request)
         now = self.clock()
         back = safe_return_path(request.query_params.get("rd"), "/")
         identity = await self._identity(request, where, now)
@@ -238,11 +184,11 @@ class DeviceBindingEndpoints:
             agent_url=agent_url,
             retry_url=back,
         )
-        return _response(200, body, headers)
+        return respond(200, body, headers)
 
     async def attested(self, request: Request) -> Response:
         """Verify the agent's answer and bind its device to the session; then go back."""
-        where = self._where(request)
+        where = where_of(request)
         try:
             device_id, back = await self._verify(request, where)
         except _Refused as refused:
@@ -260,7 +206,7 @@ class DeviceBindingEndpoints:
         self._audit("device.bind", request, where, device=device_id)
         return self._redirect(where, back)
 
-    async def _verify(self, request: Request, where: _Where) -> tuple[str, str]:
+    async def _verify(self, request: Request, where: Where) -> tuple[str, str]:
         now = self.clock()
         params = request.query_params
         challenge = params.get("challenge", "")

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import quote, urlencode
 
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from starlette.requests import Request
@@ -32,14 +32,12 @@ from gateway.devices.intake_http import (
     ApiError,
     CertificateAuthority,
     RateLimiterLike,
-    Where,
+    answer,
     api_error_of,
     json_response,
     limited,
     read_jwt,
     record_admin,
-    refusal_response,
-    where_of,
 )
 from gateway.devices.model import DeviceError, DeviceRecord, KeyStorageFact, NewDevice
 from gateway.errors import GatewayError
@@ -48,6 +46,17 @@ from gateway.identity.model import Identity
 from gateway.pages import Pages
 from gateway.state.base import StateStore
 from gateway.web.catalogue import LANGUAGES
+from gateway.web.forms import posted_by_own_page, read_form
+from gateway.web.guard import Resolver
+from gateway.web.responses import (
+    chosen_language,
+    error_page,
+    for_forms,
+    redirect,
+    respond,
+    switch_language_href,
+)
+from gateway.web.where import Where, where_of
 from policies.geoip import GeoIP
 from policies.model import AccessRequest, Device, Resource
 
@@ -87,14 +96,6 @@ class EnrolmentFacts:
 
 # Whether the confirming user's new device is approved at once: (user, device, browser address).
 AutoApprove = Callable[[Identity, EnrolmentFacts, str], Awaitable[bool]]
-
-
-class Resolver(Protocol):
-    """gateway.identity.resolve.IdentityResolver (the same protocol as gateway.web.guard)."""
-
-    async def resolve(
-        self, headers: list[tuple[bytes, bytes]], authority: str, https: bool, now: float
-    ) -> Identity | None: ...
 
 
 class EnrolRegistry(Protocol):
@@ -151,8 +152,12 @@ def attestation_nonce(audience: str, public_key: EllipticCurvePublicKey) -> byte
 
 def new_user_code() -> str:
     """8 characters of the RFC 8628 §6.1 alphabet (~34.6 bits), shown as XXXX-XXXX."""
-    raw = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
-    return f"{raw[:4]}-{raw[4:]}"
+    return shown_code("".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH)))
+
+
+def shown_code(normalised: str) -> str:
+    """A normalised code as people see it, on the agent's screen and the gateway's: XXXX-XXXX."""
+    return f"{normalised[:4]}-{normalised[4:]}"
 
 
 def normalise_code(text: str) -> str | None:
@@ -297,6 +302,15 @@ def policy_auto_approve(
 # -- the endpoints -------------------------------------------------------------------------------
 
 
+def _enrolment_refusal(error: Exception) -> ApiError:
+    """As for every device API call, except that a bad signature answers 400, not 401: here it is
+    a forged proof of possession inside the request, not a device failing to authenticate."""
+    refusal = api_error_of(error)
+    if refusal.code == "report-bad-signature":
+        return ApiError(refusal.code, 400)
+    return refusal
+
+
 class EnrolmentEndpoints:
     """POST /enroll, POST /enroll/poll, GET+POST /confirm, GET /enrolled under /.tabiji/devices."""
 
@@ -356,22 +370,23 @@ class EnrolmentEndpoints:
 
     async def enroll(self, request: Request) -> Response:
         """The agent asks to enrol a key it proves it holds; answers a code for the person."""
-        where = where_of(request)
-        try:
-            return await self._enroll(request, where)
-        except Exception as error:
-            refusal = api_error_of(error)
-            if refusal.status >= 500:
-                log.warning("enrolment refused (%s): %s", refusal.code, error)
-            if refusal.code == "report-bad-signature":
-                refusal = ApiError(refusal.code, 400)  # a forged proof of possession
-            return refusal_response(self.pages, where, refusal)
+        return await answer(
+            self.pages, request, self._enroll, action="enrolment", refusal_of=_enrolment_refusal
+        )
 
-    async def _enroll(self, request: Request, where: Where) -> Response:
+    async def _signed(
+        self, request: Request, where: Where, limiter: RateLimiterLike, bucket: str
+    ) -> tuple[float, EllipticCurvePublicKey, dict[str, Any]]:
+        """(now, the agent's key, the claims) of a signed agent request, within the address's
+        rate limit; the key is proved by the signature (proof of possession)."""
         now = self.clock()
-        limited(self.enrol_limiter, f"enrol:{where.client_ip}", now)
+        limited(limiter, f"{bucket}:{where.client_ip}", now)
         token = await read_jwt(request)
         key, claims = verify_enrolment(token, audience=self.origin, now=now, max_skew=self.max_skew)
+        return now, key, claims
+
+    async def _enroll(self, request: Request, where: Where) -> Response:
+        now, key, claims = await self._signed(request, where, self.enrol_limiter, "enrol")
         hostname, serial, os_name, claimed, evidence = request_facts(claims)
         thumbprint = key_thumbprint(key)
         if await self.store.by_thumbprint(thumbprint) is not None:
@@ -463,22 +478,12 @@ class EnrolmentEndpoints:
 
     async def poll(self, request: Request) -> Response:
         """The agent's question: confirmed yet? approved yet? (with its credential answer)."""
-        where = where_of(request)
-        try:
-            return await self._poll(request, where)
-        except Exception as error:
-            refusal = api_error_of(error)
-            if refusal.status >= 500:
-                log.warning("enrolment poll refused (%s): %s", refusal.code, error)
-            if refusal.code == "report-bad-signature":
-                refusal = ApiError(refusal.code, 400)
-            return refusal_response(self.pages, where, refusal)
+        return await answer(
+            self.pages, request, self._poll, action="enrolment poll", refusal_of=_enrolment_refusal
+        )
 
     async def _poll(self, request: Request, where: Where) -> Response:
-        now = self.clock()
-        limited(self.poll_limiter, f"poll:{where.client_ip}", now)
-        token = await read_jwt(request)
-        key, claims = verify_enrolment(token, audience=self.origin, now=now, max_skew=self.max_skew)
+        now, key, claims = await self._signed(request, where, self.poll_limiter, "poll")
         enrolment_id = claims.get("enrolment_id")
         if (
             set(claims) - _POLL_KEYS
@@ -570,56 +575,26 @@ class EnrolmentEndpoints:
     # -- the person's side --------------------------------------------------------------------
 
     def _language(self, request: Request) -> str:
-        chosen = request.query_params.get("lang", "")
-        return chosen if chosen in LANGUAGES else self.pages.language(request.scope["headers"])
+        return chosen_language(self.pages, request)
 
-    def _page(
-        self,
-        request: Request,
-        where: Where,
-        template: str,
-        *,
-        status: int = 200,
-        **context: Any,
-    ) -> Response:
+    def _page(self, request: Request, where: Where, template: str, **context: Any) -> Response:
         language = self._language(request)
-        other = "en" if language == "ja" else "ja"
-        query = {k: v for k, v in request.query_params.items() if k != "lang"}
         headers, body = self.pages.render_page(
             template,
             language=language,
             https=where.https,
             extra_css="devices.css",
-            lang_switch_href=f"{request.url.path}?{urlencode({**query, 'lang': other})}",
+            lang_switch_href=switch_language_href(request, language),
             **context,
         )
-        # A form must post with its Origin (see gateway/identity/routes.py `_page`).
-        headers = [(k, b"same-origin" if k == b"referrer-policy" else v) for k, v in headers]
-        response = Response(body, status_code=status)
-        response.raw_headers.extend(headers)
-        return response
+        return respond(200, body, for_forms(headers))
 
     def _error(self, request: Request, where: Where, status: int, code: str) -> Response:
-        headers, body = self.pages.render_error(
-            status=status,
-            code=code,
-            request_id=request.scope.get("tabiji.request_id", "-"),
-            request_headers=request.scope["headers"],
-            https=where.https,
-        )
-        response = Response(body, status_code=status)
-        response.raw_headers.extend(headers)
-        return response
-
-    def _redirect(self, where: Where, location: str, status: int = 302) -> Response:
-        response = Response(b"", status_code=status)
-        response.raw_headers.extend(self.pages.security_headers(where.https))
-        response.raw_headers.append((b"location", location.encode()))
-        return response
+        return error_page(self.pages, request, https=where.https, status=status, code=code)
 
     def _login(self, where: Where, back: str) -> Response:
         # Relative, like gateway/web/guard.py: the login of this same host.
-        return self._redirect(where, f"/.tabiji/login?rd={quote(back, safe='')}")
+        return redirect(self.pages, f"/.tabiji/login?rd={quote(back, safe='')}", https=where.https)
 
     async def _identity(self, request: Request, where: Where) -> Identity | Response | None:
         """The signed-in person (a browser session: CSRF tokens are bound to it), or None."""
@@ -633,10 +608,15 @@ class EnrolmentEndpoints:
             return None
         return identity
 
-    async def _signed_in(self, request: Request, where: Where, back: str) -> Identity | Response:
-        """The session's person, or the response instead (the login redirect, an error page)."""
+    async def _signed_in(
+        self, request: Request, where: Where, back: str | None = None
+    ) -> Identity | Response:
+        """The session's person, or the response instead: an error page, or the login redirect
+        that comes back to `back` (by default this very page)."""
         identity = await self._identity(request, where)
         if identity is None:
+            if back is None:
+                back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return self._login(where, back)
         return identity
 
@@ -657,23 +637,28 @@ class EnrolmentEndpoints:
             return None
         return enrolment
 
-    def _facts_view(self, enrolment: Enrolment, language: str) -> list[tuple[str, str]]:
+    def _facts_view(
+        self, enrolment: Enrolment, code: str, language: str
+    ) -> list[tuple[str, str, str]]:
+        """(label, value, CSS class) rows: first the code, which the agent asks the person to
+        compare with its own screen, then what the agent said about the computer."""
         t = self.pages.text
         return [
-            (t("ui.label-hostname", language).title, enrolment.hostname),
-            (t("ui.label-serial", language).title, enrolment.serial or "—"),
-            (t("ui.label-os", language).title, OS_NAMES.get(enrolment.os, enrolment.os)),
+            (t("ui.label-confirmation-code", language).title, shown_code(code), "mono"),
+            (t("ui.label-hostname", language).title, enrolment.hostname, ""),
+            (t("ui.label-serial", language).title, enrolment.serial or "—", ""),
+            (t("ui.label-os", language).title, OS_NAMES.get(enrolment.os, enrolment.os), ""),
             (
                 t("ui.label-key-storage", language).title,
                 t(f"ui.key-storage.{enrolment.key_storage()}", language).title,
+                "",
             ),
         ]
 
     async def confirm_page(self, request: Request) -> Response:
         """GET: the device the code names, and the "this is my computer" button."""
         where = where_of(request)
-        back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        identity = await self._signed_in(request, where, back)
+        identity = await self._signed_in(request, where)
         if isinstance(identity, Response):
             return identity
         code = request.query_params.get("code")
@@ -689,13 +674,14 @@ class EnrolmentEndpoints:
         if enrolment is None:
             return self._error(request, where, 410, "enrolment-code-invalid")
         assert identity.session_hash is not None  # _identity returns session identities only
+        normalised = normalise_code(code) or ""  # _by_code found it: it is well-formed
         return self._page(
             request,
             where,
             "device_confirm.html",
             enrolment=enrolment,
-            code=normalise_code(code) or "",
-            facts=self._facts_view(enrolment, language),
+            code=normalised,
+            facts=self._facts_view(enrolment, normalised, language),
             owner=identity.email or identity.name or identity.subject,
             csrf=self.csrf.token(identity.session_hash, CSRF_PURPOSE),
             form_lang=language,
@@ -704,7 +690,7 @@ class EnrolmentEndpoints:
     async def confirm(self, request: Request) -> Response:
         """POST: bind the device to the signed-in person; approved at once when the policy says."""
         where = where_of(request)
-        form = await _form(request)
+        form = await read_form(request, MAX_FORM_BYTES)
         code = (form or {}).get("code", "")
         identity = await self._signed_in(
             request, where, f"{CONFIRM_PATH}?{urlencode({'code': code})}"
@@ -712,12 +698,13 @@ class EnrolmentEndpoints:
         if isinstance(identity, Response):
             return identity
         assert identity.session_hash is not None
-        if form is None or not self.csrf.check(
-            token=form.get("csrf"),
+        if form is None or not posted_by_own_page(
+            self.csrf,
+            form,
+            request,
+            where,
             session_hash=identity.session_hash,
             purpose=CSRF_PURPOSE,
-            headers=request.scope["headers"],
-            request_origin=where.origin,
         ):
             return self._error(request, where, 403, "csrf-invalid")
         if self._user_limited(identity):
@@ -787,13 +774,14 @@ class EnrolmentEndpoints:
         query = {"device": device.id}
         if language in LANGUAGES:
             query["lang"] = language
-        return self._redirect(where, f"{ENROLLED_PATH}?{urlencode(query)}", 303)
+        return redirect(
+            self.pages, f"{ENROLLED_PATH}?{urlencode(query)}", https=where.https, status=303
+        )
 
     async def enrolled_page(self, request: Request) -> Response:
         """GET: the person's own device after confirmation: approved, or waiting for IT."""
         where = where_of(request)
-        back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        identity = await self._signed_in(request, where, back)
+        identity = await self._signed_in(request, where)
         if isinstance(identity, Response):
             return identity
         device_id = request.query_params.get("device", "")
@@ -825,75 +813,6 @@ class EnrolmentEndpoints:
             device_status=device.status,
             facts=facts,
         )
-
-
-async def _form(request: Request) -> dict[str, str] | None:
-    """A small urlencoded form; None when it is something else, too large or repeats a field."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/x-www-form-urlencoded":
-        return None
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            return None
-    try:
-        pairs = parse_qsl(body.decode(), keep_blank_values=True)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    form: dict[str, str] = {}
-    for key, value in pairs:
-        if key in form:
-            return None
-        form[key] = value
-    return form
-
-
-def enrolment_routes(
-    *,
-    registry: EnrolRegistry,
-    store: ThumbprintLookup,
-    ca: CertificateAuthority,
-    attestation: Attestation | None,
-    state: StateStore,
-    resolver: Resolver,
-    pages: Pages,
-    csrf: Csrf,
-    origin: str,
-    auto_approve: AutoApprove | None,
-    audit: AdminAudit,
-    enrol_limiter: RateLimiterLike,
-    poll_limiter: RateLimiterLike,
-    confirm_limiter: RateLimiterLike,
-    auto_approve_name: str = "auto-approve",
-    code_ttl: float = 900.0,
-    pending_ttl: float = 7 * 86400.0,
-    max_skew: int = 300,
-    clock: Callable[[], float] = time.time,
-) -> list[BaseRoute]:
-    """The enrolment endpoints: POST /enroll, POST /enroll/poll, GET+POST /confirm,
-    GET /enrolled (all under /.tabiji/devices)."""
-    return EnrolmentEndpoints(
-        registry=registry,
-        store=store,
-        ca=ca,
-        attestation=attestation,
-        state=state,
-        resolver=resolver,
-        pages=pages,
-        csrf=csrf,
-        origin=origin,
-        auto_approve=auto_approve,
-        auto_approve_name=auto_approve_name,
-        audit=audit,
-        enrol_limiter=enrol_limiter,
-        poll_limiter=poll_limiter,
-        confirm_limiter=confirm_limiter,
-        code_ttl=code_ttl,
-        pending_ttl=pending_ttl,
-        max_skew=max_skew,
-        clock=clock,
-    ).routes()
 
 
 async def expire_pending(

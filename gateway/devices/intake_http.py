@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -34,9 +34,9 @@ from gateway.devices.fixes import DeviceAdvisor
 from gateway.devices.model import DeviceError, DeviceRecord, KeyStorageFact
 from gateway.errors import GatewayError
 from gateway.pages import Pages
-from gateway.routing import canonical_authority
 from gateway.state.base import StateStore
 from gateway.web.catalogue import LANGUAGES
+from gateway.web.where import Where, where_of
 
 if TYPE_CHECKING:
     from gateway.devices.ca import IssuedCertificate
@@ -144,34 +144,6 @@ def record_admin(audit: AdminAudit, action: str, detail: Mapping[str, object], *
         log.exception("the audit hook failed for %s", action)
 
 
-@dataclass(frozen=True, slots=True)
-class Where:
-    """The request's origin as the client reached it, and the client's address."""
-
-    scheme: str
-    authority: str
-    client_ip: str
-
-    @property
-    def https(self) -> bool:
-        return self.scheme == "https"
-
-    @property
-    def origin(self) -> str:
-        return f"{self.scheme}://{self.authority}"
-
-
-def where_of(request: Request) -> Where:
-    """The pipeline's Peer (trusted-proxy aware) when present, else the socket's view."""
-    peer = request.scope.get("tabiji.peer")
-    if peer is not None:
-        return Where(peer.scheme, peer.authority, peer.client_ip)
-    scheme = request.url.scheme
-    host = request.headers.get("host", "")
-    client = request.client.host if request.client else "-"
-    return Where(scheme, canonical_authority(host, scheme), client)
-
-
 def json_response(
     pages: Pages,
     where: Where,
@@ -208,6 +180,27 @@ def refusal_response(
     if error.retry_after is not None:
         extra.append((b"retry-after", str(error.retry_after).encode()))
     return json_response(pages, where, error.status, document, extra)
+
+
+async def answer(
+    pages: Pages,
+    request: Request,
+    handler: Callable[[Request, Where], Awaitable[Response]],
+    *,
+    action: str,
+    report: bool = False,
+    refusal_of: Callable[[Exception], ApiError] = api_error_of,
+) -> Response:
+    """Run one device API handler; whatever it raises becomes its JSON refusal (fail closed).
+    `action` names it in the log line of a refusal that is the gateway's fault (5xx)."""
+    where = where_of(request)
+    try:
+        return await handler(request, where)
+    except Exception as error:
+        refusal = refusal_of(error)
+        if refusal.status >= 500:
+            log.warning("%s refused (%s): %s", action, refusal.code, error)
+        return refusal_response(pages, where, refusal, report=report)
 
 
 async def read_jwt(request: Request, limit: int = MAX_TOKEN_BYTES) -> str:
@@ -337,14 +330,7 @@ class DeviceApi:
 
     async def report(self, request: Request) -> Response:
         """A signed posture report in; status, the device-* reasons and their fixes out."""
-        where = where_of(request)
-        try:
-            return await self._report(request, where)
-        except Exception as error:
-            refusal = api_error_of(error)
-            if refusal.status >= 500:
-                log.warning("posture report refused (%s): %s", refusal.code, error)
-            return refusal_response(self.pages, where, refusal, report=True)
+        return await answer(self.pages, request, self._report, action="posture report", report=True)
 
     def _owner_keys(self, device_id: str) -> list[str]:
         keys = [f"device:{device_id}"]
@@ -384,14 +370,7 @@ class DeviceApi:
 
     async def certificate(self, request: Request) -> Response:
         """A new device certificate for an approved device that proves its key (DPoP)."""
-        where = where_of(request)
-        try:
-            return await self._certificate(request, where)
-        except Exception as error:
-            refusal = api_error_of(error)
-            if refusal.status >= 500:
-                log.warning("certificate renewal refused (%s): %s", refusal.code, error)
-            return refusal_response(self.pages, where, refusal)
+        return await answer(self.pages, request, self._certificate, action="certificate renewal")
 
     async def _certificate(self, request: Request, where: Where) -> Response:
         now = self.clock()
@@ -447,39 +426,3 @@ class DeviceApi:
                 "not_after": int(issued.not_after),
             },
         )
-
-
-def device_api_routes(
-    *,
-    intake: IntakeLike,
-    registry: RegistryLike,
-    ca: CertificateAuthority,
-    advisor: DeviceAdvisor,
-    state: StateStore,
-    pages: Pages,
-    origin: str,
-    audit: AdminAudit,
-    address_limiter: RateLimiterLike,
-    owner_limiter: RateLimiterLike,
-    report_interval: int = 300,
-    proof_max_age: int = 60,
-    proof_max_skew: int = 5,
-    clock: Callable[[], float] = time.time,
-) -> list[BaseRoute]:
-    """POST /.tabiji/devices/report and POST /.tabiji/devices/certificate."""
-    return DeviceApi(
-        intake=intake,
-        registry=registry,
-        ca=ca,
-        advisor=advisor,
-        state=state,
-        pages=pages,
-        origin=origin,
-        audit=audit,
-        address_limiter=address_limiter,
-        owner_limiter=owner_limiter,
-        report_interval=report_interval,
-        proof_max_age=proof_max_age,
-        proof_max_skew=proof_max_skew,
-        clock=clock,
-    ).routes()

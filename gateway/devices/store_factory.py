@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gateway.devices.registry import RegistryStore
 from gateway.devices.store_sqlite import SqliteDeviceStore
+from gateway.state.factory import sqlite_path
 
 ACCEPTED_FORMS = (
     "sqlite:///relative/path.db (relative to the configuration's directory), "
@@ -23,7 +24,9 @@ def open_device_store(
     URL is malformed. `schema` places PostgreSQL's tables in a schema of their own."""
     scheme = url.split(":", 1)[0].lower()
     if scheme == "sqlite":
-        return SqliteDeviceStore(_sqlite_path(url, base_dir))
+        return SqliteDeviceStore(
+            sqlite_path(url, base_dir, what="device store", accepted=ACCEPTED_FORMS)
+        )
     if scheme in ("postgresql", "postgres"):
         if not url.partition("://")[2]:
             raise ValueError(f"device store URL names no server; accepted: {ACCEPTED_FORMS}")
@@ -31,17 +34,3 @@ def open_device_store(
 
         return PostgresDeviceStore(url, schema=schema)
     raise ValueError(f"unsupported device store scheme {scheme!r}; accepted: {ACCEPTED_FORMS}")
-
-
-def _sqlite_path(url: str, base_dir: Path | None) -> Path:
-    rest = url[len("sqlite:") :]
-    if not rest.startswith("///") or "?" in rest or "#" in rest:
-        raise ValueError(f"SQLite device store URL {url!r} is not one of: {ACCEPTED_FORMS}")
-    raw = rest[3:]
-    if raw in ("", "/") or raw.endswith("/"):
-        raise ValueError(f"SQLite device store URL {url!r} names no file")
-    if raw.startswith("/"):
-        return Path(raw)
-    if base_dir is None:
-        raise ValueError(f"SQLite device store URL {url!r} is relative, with no base directory")
-    return base_dir / raw

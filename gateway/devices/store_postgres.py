@@ -2,41 +2,31 @@
 
 Versions come from a sequence; every write first takes a transaction-level advisory lock, so
 versions are committed in the order they are handed out and a reader never sees version n+1
-before n (`changed_since` would otherwise skip n forever). A home of psycopg (with the audit
-store). Must not import gateway.settings.
+before n (`changed_since` would otherwise skip n forever). The statements themselves are
+SqlDeviceStore's. A home of psycopg (with the audit store). Must not import gateway.settings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import psycopg
 import psycopg_pool
 
-from device_agent.report import PostureFacts
-from gateway.devices.model import (
-    DeviceError,
-    DeviceRecord,
-    DeviceStatus,
-    KeyStorageFact,
-    NewDevice,
-    RegistryUnavailable,
-)
+from gateway.devices.model import DeviceRecord, NewDevice, RegistryUnavailable
 from gateway.devices.store_rows import (
     COLUMNS,
+    already_enrolled,
     check_new,
-    check_tags,
     new_row,
-    normalise_serial,
-    posture_json,
     row_or_marker,
     row_record,
-    rows_or_skip,
-    tags_json,
 )
+from gateway.devices.store_sql import Row, SqlDeviceStore
 
 _SCHEMA_NAME: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # tags and posture are JSONB (queryable by hand); read back as text for the shared codec.
@@ -97,20 +87,13 @@ _DDL: Final = (
 )
 
 
-def _update(assignments: str, condition: str) -> str:
-    """An UPDATE … RETURNING the row with a new version, from constant pieces (values are bound)."""
-    return f"UPDATE devices SET {assignments}, version = {_NEXT} WHERE {condition}{_RETURNING}"  # noqa: S608  # constant pieces; values are bound
-
-
-_ACCEPT: Final = _update(
-    "posture = %s::jsonb, posture_at = %s, posture_reported_at = %s, posture_counter = %s,"
-    " loopback_port = %s, last_seen = GREATEST(COALESCE(last_seen, 0), %s)",
-    "id = %s AND status <> 'revoked' AND posture_counter < %s",
-)
-
-
-class PostgresDeviceStore:
+class PostgresDeviceStore(SqlDeviceStore):
     """DeviceStore on PostgreSQL; `schema` (default: the server's search_path) holds the tables."""
+
+    placeholder = "%s"
+    json_placeholder = "%s::jsonb"  # tags and posture are JSONB
+    greatest = "GREATEST"
+    select = _SELECT
 
     def __init__(
         self, url: str, *, schema: str | None = None, timeout: float = 5.0, max_size: int = 4
@@ -182,190 +165,69 @@ class PostgresDeviceStore:
             return False
         return True
 
-    async def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    # -- the primitives (see SqlDeviceStore) ------------------------------------------------
+
+    async def _fetch(self, sql: str, args: Sequence[Any] = ()) -> Sequence[Row]:
         pool = await self._ready()
-        try:
+        with _unavailable_on_error():
             async with pool.connection() as conn:
                 cur = await conn.execute(sql, args)
                 return list(await cur.fetchall())
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise RegistryUnavailable(f"device store: {type(exc).__name__}: {exc}") from exc
 
-    async def _write(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-        """One write in its own transaction, after the ordering lock (see the module doc)."""
+    async def _update(
+        self,
+        assignments: str,
+        set_args: Sequence[Any],
+        condition: str,
+        where_args: Sequence[Any],
+    ) -> Sequence[Row]:
+        """In its own transaction, after the ordering lock (see the module doc)."""
+        sql = f"UPDATE devices SET {assignments}, version = {_NEXT} WHERE {condition}{_RETURNING}"  # noqa: S608  # constant pieces; values are bound
         pool = await self._ready()
-        try:
+        with _unavailable_on_error():
             async with pool.connection() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
-                cur = await conn.execute(sql, args)
-                return list(await cur.fetchall()) if cur.description else []
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise RegistryUnavailable(f"device store: {type(exc).__name__}: {exc}") from exc
+                cur = await conn.execute(sql, (*set_args, *where_args))
+                return list(await cur.fetchall())
 
-    async def _change(self, sql: str, args: Sequence[Any]) -> DeviceRecord | None:
-        rows = await self._write(sql, args)
-        return row_record(rows[0]) if rows else None
+    async def _update_each(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
+        pool = await self._ready()
+        with _unavailable_on_error():
+            async with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(sql, args)
 
-    # -- writes -----------------------------------------------------------------------------
+    # -- what only this store does ----------------------------------------------------------
 
     async def add(self, device: NewDevice) -> DeviceRecord:
         check_new(device)
         values = new_row(device, 0)
         args = [v for c, v in zip(COLUMNS, values, strict=True) if c != "version"]
         pool = await self._ready()
-        try:
-            async with pool.connection() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
-                # Checked under the lock every writer takes, so no version number is spent on a
-                # refused enrolment (the UNIQUE constraints still stand behind this).
-                cur = await conn.execute(
-                    "SELECT key_thumbprint = %s FROM devices WHERE key_thumbprint = %s OR id = %s",
-                    (device.key_thumbprint, device.key_thumbprint, device.id),
-                )
-                taken = await cur.fetchall()
-                if taken:
-                    raise _taken(any(row[0] for row in taken), device.id)
-                cur = await conn.execute(_INSERT + _RETURNING, args)
-                row = await cur.fetchone()
-        except psycopg.errors.UniqueViolation as exc:
-            constraint = getattr(exc.diag, "constraint_name", None) or ""
-            raise _taken("key_thumbprint" in constraint, device.id) from exc
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise RegistryUnavailable(f"device store: {type(exc).__name__}: {exc}") from exc
+        with _unavailable_on_error():
+            try:
+                async with pool.connection() as conn, conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+                    # Checked under the lock every writer takes, so no version number is spent
+                    # on a refused enrolment (the UNIQUE constraints still stand behind this).
+                    cur = await conn.execute(
+                        "SELECT key_thumbprint = %s FROM devices"
+                        " WHERE key_thumbprint = %s OR id = %s",
+                        (device.key_thumbprint, device.key_thumbprint, device.id),
+                    )
+                    taken = await cur.fetchall()
+                    if taken:
+                        raise already_enrolled(any(row[0] for row in taken), device.id)
+                    cur = await conn.execute(_INSERT + _RETURNING, args)
+                    row = await cur.fetchone()
+            except psycopg.errors.UniqueViolation as exc:
+                constraint = getattr(exc.diag, "constraint_name", None) or ""
+                raise already_enrolled("key_thumbprint" in constraint, device.id) from exc
         assert row is not None
         return row_record(row)
 
-    async def set_status(
-        self, device_id: str, status: DeviceStatus, *, now: float, actor: str
-    ) -> DeviceRecord | None:
-        if status == "approved":
-            sql = _update(
-                "status = 'approved', approved_at = %s, actor = %s",
-                "id = %s AND status = 'pending'",
-            )
-        elif status == "revoked":
-            sql = _update(
-                "status = 'revoked', revoked_at = %s, actor = %s", "id = %s AND status <> 'revoked'"
-            )
-        else:
-            raise ValueError(f"set_status sets approved or revoked, not {status!r}")
-        changed = await self._change(sql, (now, actor, device_id))
-        if changed is not None or status == "revoked":
-            return changed
-        current = await self.get(device_id)  # approving an approved device changes nothing
-        return current if current is not None and current.status == "approved" else None
-
-    async def set_tags(
-        self, device_id: str, tags: frozenset[str], *, now: float, actor: str
-    ) -> DeviceRecord | None:
-        check_tags(tags)
-        sql = _update("tags = %s::jsonb, actor = %s", "id = %s AND status <> 'revoked'")
-        return await self._change(sql, (tags_json(tags), actor, device_id))
-
-    async def set_certificate(
-        self, device_id: str, serial: str, not_after: float, *, now: float
-    ) -> DeviceRecord | None:
-        sql = _update("cert_serial = %s, cert_not_after = %s", "id = %s AND status <> 'revoked'")
-        return await self._change(sql, (normalise_serial(serial), not_after, device_id))
-
-    async def set_key_storage(
-        self, device_id: str, key_storage: KeyStorageFact, *, now: float
-    ) -> DeviceRecord | None:
-        sql = _update("key_storage = %s", "id = %s AND status <> 'revoked'")
-        return await self._change(sql, (key_storage, device_id))
-
-    async def accept_posture(
-        self,
-        device_id: str,
-        *,
-        counter: int,
-        facts: PostureFacts,
-        reported_at: float,
-        received_at: float,
-        loopback_port: int | None,
-    ) -> DeviceRecord | None:
-        # One conditional UPDATE: replicas racing on one report cannot both win (the second
-        # re-checks the WHERE clause on the row the first committed).
-        args = (
-            posture_json(facts),
-            received_at,
-            reported_at,
-            counter,
-            loopback_port,
-            received_at,
-            device_id,
-            counter,
-        )
-        return await self._change(_ACCEPT, args)
-
-    async def touch(self, seen: Sequence[tuple[str, float]]) -> None:
-        # last_seen is shown to IT, never decided on: no version bump (no cache reloads).
-        if not seen:
-            return
-        pool = await self._ready()
-        args = [(when, device_id, when) for device_id, when in seen]
-        try:
-            async with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                await cur.executemany(
-                    "UPDATE devices SET last_seen = %s WHERE id = %s"
-                    " AND (last_seen IS NULL OR last_seen < %s)",
-                    args,
-                )
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise RegistryUnavailable(f"device store: {type(exc).__name__}: {exc}") from exc
-
-    async def expire_pending(self, older_than: float, *, now: float) -> int:
-        rows = await self._write(
-            _update(
-                "status = 'revoked', revoked_at = %s, actor = 'expired'",
-                "status = 'pending' AND created_at < %s",
-            ),
-            (now, older_than),
-        )
-        return len(rows)
-
-    # -- reads ------------------------------------------------------------------------------
-
-    async def _one(self, where: str, arg: object) -> DeviceRecord | None:
-        rows = await self._fetch(f"{_SELECT} WHERE {where} = %s", (arg,))
-        return row_record(rows[0]) if rows else None
-
-    async def get(self, device_id: str) -> DeviceRecord | None:
-        return await self._one("id", device_id)
-
-    async def by_thumbprint(self, thumbprint: str) -> DeviceRecord | None:
-        return await self._one("key_thumbprint", thumbprint)
-
-    async def by_cert_serial(self, serial: str) -> DeviceRecord | None:
-        try:
-            wanted = normalise_serial(serial)
-        except DeviceError:
-            return None
-        return await self._one("cert_serial", wanted)
-
-    async def list(
-        self,
-        *,
-        status: DeviceStatus | None = None,
-        owner: tuple[str, str] | None = None,
-        limit: int = 500,
-    ) -> Sequence[DeviceRecord]:
-        where: list[str] = []
-        args: list[Any] = []
-        if status is not None:
-            where.append("status = %s")
-            args.append(status)
-        if owner is not None:
-            where.append("owner_issuer = %s AND owner_subject = %s")
-            args.extend(owner)
-        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY created_at, id LIMIT %s"
-        args.append(max(0, int(limit)))
-        return rows_or_skip(await self._fetch(sql, args))
-
     async def changed_since(self, version: int) -> tuple[Sequence[DeviceRecord], int]:
         pool = await self._ready()
-        try:
+        with _unavailable_on_error():
             async with pool.connection() as conn, conn.transaction():
                 # One snapshot for the rows and the high-water mark. The mark is the newest
                 # committed version (the sequence's own value may belong to a write in flight).
@@ -376,8 +238,6 @@ class PostgresDeviceStore:
                 rows = await cur.fetchall()
                 cur = await conn.execute("SELECT COALESCE(MAX(version), 0) FROM devices")
                 mark = await cur.fetchone()
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise RegistryUnavailable(f"device store: {type(exc).__name__}: {exc}") from exc
         return [row_or_marker(r) for r in rows], int(mark[0]) if mark else 0
 
     async def drop_schema(self) -> None:
@@ -389,11 +249,10 @@ class PostgresDeviceStore:
             await conn.execute(f"DROP SCHEMA IF EXISTS {self._schema} CASCADE")
 
 
-def _taken(key: bool, device_id: str) -> DeviceError:
-    if key:
-        return DeviceError(
-            code="device-key-already-enrolled",
-            detail="this key is enrolled as another device",
-            status=409,
-        )
-    return DeviceError(code="device-already-exists", detail=device_id, status=409)
+@contextlib.contextmanager
+def _unavailable_on_error() -> Iterator[None]:
+    """psycopg and pool errors mean the store cannot be reached: every device fact is unknown."""
+    try:
+        yield
+    except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+        raise RegistryUnavailable(f"device store: {type(exc).__name__}: {exc}") from exc

@@ -85,6 +85,17 @@ def check_tags(tags: frozenset[str]) -> frozenset[str]:
     return tags
 
 
+def already_enrolled(key_taken: bool, detail: str) -> DeviceError:
+    """The refusal for a new device whose key (or, by a bug, id) the registry already has."""
+    if key_taken:
+        return DeviceError(
+            code="device-key-already-enrolled",
+            detail="this key is enrolled as another device",
+            status=409,
+        )
+    return DeviceError(code="device-already-exists", detail=detail, status=409)
+
+
 def normalise_serial(serial: str) -> str:
     """Certificate serials as lowercase hex without leading zeros (nginx gives uppercase)."""
     text = serial.strip().lower().removeprefix("0x").replace(":", "").lstrip("0") or "0"

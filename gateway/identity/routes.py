@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -55,6 +55,10 @@ from gateway.identity.sessions import (
 from gateway.pages import Pages, wants_json
 from gateway.routing import canonical_authority
 from gateway.state.base import StateStore
+from gateway.web.endpoint_audit import Audit, audit_action
+from gateway.web.forms import posted_by_own_page, read_form
+from gateway.web.responses import error_page, for_forms, redirect, respond
+from gateway.web.where import Where, where_of
 
 log = logging.getLogger("tabiji.identity")
 
@@ -128,7 +132,6 @@ class RateLimiterLike(Protocol):
 
 # (route name, the providers it allows; empty = every provider) for a host and path, or None
 RouteFor = Callable[[str, str], tuple[str, tuple[str, ...]] | None]
-Audit = Callable[[str, Mapping[str, object]], None]
 
 
 def login_url(host_origin: str, return_path: str) -> str:
@@ -153,23 +156,6 @@ def _loads(raw: bytes | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
-
-
-@dataclass(frozen=True, slots=True)
-class _Where:
-    """The request's own origin, as the client reached it."""
-
-    scheme: str
-    authority: str
-    client_ip: str
-
-    @property
-    def https(self) -> bool:
-        return self.scheme == "https"
-
-    @property
-    def origin(self) -> str:
-        return f"{self.scheme}://{self.authority}"
 
 
 class _Refused(Exception):
@@ -255,52 +241,26 @@ class IdentityEndpoints:
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _where(self, request: Request) -> _Where:
-        """The origin the client reached: the pipeline's Peer (trusted-proxy aware) if present."""
-        peer = request.scope.get("tabiji.peer")
-        if peer is not None:
-            return _Where(peer.scheme, peer.authority, peer.client_ip)
-        scheme = request.url.scheme
-        host = request.headers.get("host", "")
-        client = request.client.host if request.client else "-"
-        return _Where(scheme, canonical_authority(host, scheme), client)
-
-    def _audit(self, action: str, where: _Where, request: Request, **fields: object) -> None:
-        if self.audit_hook is None:
-            return
-        record: dict[str, object] = {
-            "client_ip": where.client_ip,
-            "host": where.authority,
-            "request_id": request.scope.get("tabiji.request_id", "-"),
-        }
-        record.update(fields)
-        try:
-            self.audit_hook(action, record)
-        except Exception:
-            log.exception("the audit hook failed for %s", action)
+    def _audit(self, action: str, where: Where, request: Request, **fields: object) -> None:
+        audit_action(self.audit_hook, action, request, where, **fields)
 
     def _error(
         self,
         request: Request,
-        where: _Where,
+        where: Where,
         status: int,
         *,
         code: str,
         extra: Sequence[tuple[bytes, bytes]] = (),
     ) -> Response:
-        headers, body = self.pages.render_error(
-            status=status,
-            code=code,
-            request_id=request.scope.get("tabiji.request_id", "-"),
-            request_headers=request.scope["headers"],
-            https=where.https,
+        return error_page(
+            self.pages, request, https=where.https, status=status, code=code, extra=extra
         )
-        return _response(status, body, [*headers, *extra])
 
     def _page(
         self,
         request: Request,
-        where: _Where,
+        where: Where,
         template: str,
         *,
         status: int = 200,
@@ -314,9 +274,7 @@ class IdentityEndpoints:
             template, language=language, https=where.https, extra_css="identity.css", **context
         )
         if form:
-            # A form must post with its Origin: under `no-referrer` browsers send `Origin: null`
-            # (Fetch §3.1 "serializing a request origin"), which the CSRF check refuses.
-            headers = [(k, b"same-origin" if k == b"referrer-policy" else v) for k, v in headers]
+            headers = for_forms(headers)  # the form posts with its Origin
         if form_target is not None:
             # CSP form-action also governs where the POST's redirect may go (CSP3 §6.4.1): the
             # logout ends at the provider's end_session endpoint, so that origin is allowed too.
@@ -330,7 +288,7 @@ class IdentityEndpoints:
                 )
                 for k, v in headers
             ]
-        return _response(status, body, [*headers, *extra])
+        return respond(status, body, [*headers, *extra])
 
     def _logout_target(self, provider: str) -> str | None:
         """The origin of the provider's end_session endpoint, when logout will go there."""
@@ -343,16 +301,14 @@ class IdentityEndpoints:
 
     def _redirect(
         self,
-        where: _Where,
+        where: Where,
         location: str,
         extra: Sequence[tuple[bytes, bytes]] = (),
         status: int = 302,
     ) -> Response:
-        headers = self.pages.security_headers(where.https)
-        headers.append((b"location", location.encode()))
-        return _response(status, b"", [*headers, *extra])
+        return redirect(self.pages, location, https=where.https, status=status, extra=extra)
 
-    def _limited(self, request: Request, where: _Where, bucket: str) -> Response | None:
+    def _limited(self, request: Request, where: Where, bucket: str) -> Response | None:
         """429 with Retry-After when this client spent its `bucket` tokens, else None."""
         key = f"{bucket}:{where.client_ip}"
         now = self.clock()
@@ -363,30 +319,30 @@ class IdentityEndpoints:
         retry_after = (b"retry-after", str(retry).encode())
         return self._error(request, where, 429, code="rate-limited", extra=[retry_after])
 
-    def _binding(self, request: Request, where: _Where) -> tuple[str, bytes]:
+    def _binding(self, request: Request, where: Where) -> tuple[str, bytes]:
         """The browser's binding value (reused when it has one, so two tabs logging in at once
         both succeed) and the Set-Cookie that (re)sets it for 10 minutes."""
         name = login_cookie_name(where.https)
         value = single_cookie(request.scope["headers"], name) or new_session_id()
         return value, _cookie(name, value, https=where.https, max_age=int(LOGIN_TTL))
 
-    def _binding_matches(self, request: Request, where: _Where, expected: object) -> bool:
+    def _binding_matches(self, request: Request, where: Where, expected: object) -> bool:
         value = single_cookie(request.scope["headers"], login_cookie_name(where.https))
         if value is None or not isinstance(expected, str):
             return False
         return secrets.compare_digest(_digest(value), expected)
 
-    def _clear(self, name: str, where: _Where) -> tuple[bytes, bytes]:
+    def _clear(self, name: str, where: Where) -> tuple[bytes, bytes]:
         return (b"set-cookie", _cookie(name, "", https=where.https, max_age=0))
 
-    async def _session(self, request: Request, where: _Where) -> tuple[str, Identity] | None:
+    async def _session(self, request: Request, where: Where) -> tuple[str, Identity] | None:
         cookie = single_cookie(request.scope["headers"], session_cookie_name(where.https))
         if cookie is None:
             return None
         identity = await self.sessions.lookup(cookie, where.authority, self.clock())
         return None if identity is None else (cookie, identity)
 
-    def _on_public(self, where: _Where) -> bool:
+    def _on_public(self, where: Where) -> bool:
         return where.authority == self.public_authority
 
     def _allowed(self, host: str, path: str) -> tuple[str, ...] | None:
@@ -403,7 +359,7 @@ class IdentityEndpoints:
 
     async def login(self, request: Request) -> Response:
         """Start a login for this host: bind the browser, remember where to return, go to P."""
-        where = self._where(request)
+        where = where_of(request)
         if (limited := self._limited(request, where, "login")) is not None:
             return limited
         default = SIGNED_IN_PATH if self._on_public(where) else "/"
@@ -432,7 +388,7 @@ class IdentityEndpoints:
             return None
         return req
 
-    def _public_only(self, request: Request, where: _Where, bucket: str) -> Response | None:
+    def _public_only(self, request: Request, where: Where, bucket: str) -> Response | None:
         """404 off the public URL (these steps happen only at P), 429 when rate-limited."""
         if not self._on_public(where):
             return self._error(request, where, 404, code="route-not-found")
@@ -440,7 +396,7 @@ class IdentityEndpoints:
 
     async def authorize(self, request: Request) -> Response:
         """At P: hand the existing P session to the host, or choose a provider and log in."""
-        where = self._where(request)
+        where = where_of(request)
         if (refused := self._public_only(request, where, "login")) is not None:
             return refused
         req_id = request.query_params.get("req")
@@ -469,7 +425,7 @@ class IdentityEndpoints:
 
     async def start(self, request: Request) -> Response:
         """At P: begin the authorization code flow with one provider (state, nonce, PKCE)."""
-        where = self._where(request)
+        where = where_of(request)
         if (refused := self._public_only(request, where, "login")) is not None:
             return refused
         req_id = request.query_params.get("req")
@@ -499,7 +455,7 @@ class IdentityEndpoints:
 
     async def callback(self, request: Request) -> Response:
         """At P: the provider sends the browser back; verify everything, create the session."""
-        where = self._where(request)
+        where = where_of(request)
         if (refused := self._public_only(request, where, "callback")) is not None:
             return refused
         try:
@@ -508,7 +464,7 @@ class IdentityEndpoints:
             self._audit("login-failed", where, request, reason=failure.audit or failure.code)
             return self._error(request, where, failure.status, code=failure.code)
 
-    async def _callback(self, request: Request, where: _Where) -> Response:
+    async def _callback(self, request: Request, where: Where) -> Response:
         params: dict[str, str] = {}
         for key, value in request.query_params.multi_items():
             if key in params:
@@ -568,7 +524,7 @@ class IdentityEndpoints:
         response.raw_headers.extend(cookies)
         return response
 
-    async def _continue(self, where: _Where, req_id: str | None, main_hash: str) -> Response:
+    async def _continue(self, where: Where, req_id: str | None, main_hash: str) -> Response:
         """After a login (or with a live P session): back to P's page, or a hand-off to H."""
         req = _loads(await self.store.take(HANDOFF_REQ_NS, req_id)) if req_id else None
         if req is None or not all(isinstance(req.get(k), str) for k in ("host", "scheme", "path")):
@@ -589,7 +545,7 @@ class IdentityEndpoints:
 
     async def handoff(self, request: Request) -> Response:
         """At H: redeem the single-use code for this host's own session."""
-        where = self._where(request)
+        where = where_of(request)
         if (limited := self._limited(request, where, "callback")) is not None:
             return limited
         code = request.query_params.get("code", "")
@@ -627,7 +583,7 @@ class IdentityEndpoints:
 
     async def signed_in(self, request: Request) -> Response:
         """Who am I: the signed-in page with a logout button; to login when not signed in."""
-        where = self._where(request)
+        where = where_of(request)
         session = await self._session(request, where)
         if session is None:
             return self._redirect(where, login_url(where.origin, SIGNED_IN_PATH))
@@ -652,7 +608,7 @@ class IdentityEndpoints:
 
     async def logout_confirm(self, request: Request) -> Response:
         """GET: a confirmation page whose form posts the logout (a GET never logs out)."""
-        where = self._where(request)
+        where = where_of(request)
         session = await self._session(request, where)
         if session is None:
             return self._page(request, where, "logged_out.html")
@@ -670,10 +626,10 @@ class IdentityEndpoints:
 
     async def logout(self, request: Request) -> Response:
         """POST: end the session on every host, then log out at the provider when it can."""
-        where = self._where(request)
+        where = where_of(request)
         if (limited := self._limited(request, where, "logout")) is not None:
             return limited
-        form = await _form(request)
+        form = await read_form(request, MAX_FORM_BYTES)
         if form is None:
             return self._error(request, where, 403, code="csrf-invalid")
         cookie_name = session_cookie_name(where.https)
@@ -683,12 +639,8 @@ class IdentityEndpoints:
             return self._redirect(where, LOGGED_OUT_PATH, [self._clear(cookie_name, where)], 303)
         identity = session[1]
         assert identity.session_hash is not None  # a session identity always has one
-        if not self.csrf.check(
-            token=form.get("csrf"),
-            session_hash=identity.session_hash,
-            purpose="logout",
-            headers=request.scope["headers"],
-            request_origin=where.origin,
+        if not posted_by_own_page(
+            self.csrf, form, request, where, session_hash=identity.session_hash, purpose="logout"
         ):
             self._audit("logout-refused", where, request, reason="csrf-invalid")
             return self._error(request, where, 403, code="csrf-invalid")
@@ -720,7 +672,7 @@ class IdentityEndpoints:
 
     async def logged_out(self, request: Request) -> Response:
         """The page after logout (also the provider's post_logout_redirect_uri)."""
-        where = self._where(request)
+        where = where_of(request)
         extra: list[tuple[bytes, bytes]] = []
         # A leftover cookie of an ended session is cleared; a live session is not touched (a GET
         # from another site must not log anyone out).
@@ -733,10 +685,10 @@ class IdentityEndpoints:
 
     async def backchannel_logout(self, request: Request) -> Response:
         """OIDC Back-Channel Logout 1.0 §2.5-2.8: the provider ends a user's sessions here."""
-        where = self._where(request)
+        where = where_of(request)
         name = request.path_params.get("provider", "")
         provider = self.providers.get(name)
-        form = await _form(request)
+        form = await read_form(request, MAX_FORM_BYTES)
         token = form.get("logout_token") if form is not None else None
         if not self._on_public(where) or provider is None or not token:
             return _bcl_error()
@@ -770,44 +722,16 @@ class IdentityEndpoints:
             ended=ended,
         )
         # §2.8: 200 on success, and the response must not be cached.
-        return _response(200, b"", [(b"cache-control", b"no-store")])
-
-
-def _response(status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> Response:
-    response = Response(body, status_code=status)
-    response.raw_headers.extend(headers)
-    return response
+        return respond(200, b"", [(b"cache-control", b"no-store")])
 
 
 def _bcl_error() -> Response:
     """§2.8: 400 with an OAuth error body; never why (the provider learns nothing from it)."""
-    return _response(
+    return respond(
         400,
         b'{"error":"invalid_request"}',
         [(b"content-type", b"application/json"), (b"cache-control", b"no-store")],
     )
-
-
-async def _form(request: Request) -> dict[str, str] | None:
-    """A small urlencoded form; None when it is something else, too large or repeats a field."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/x-www-form-urlencoded":
-        return None
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            return None
-    try:
-        pairs = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=False)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    form: dict[str, str] = {}
-    for key, value in pairs:
-        if key in form:
-            return None
-        form[key] = value
-    return form
 
 
 def identity_routes(

@@ -35,7 +35,7 @@ def open_state_store(
         ) from exc
     scheme = parts.scheme.lower()
     if scheme == "sqlite":
-        return SqliteStateStore(_sqlite_path(url, base_dir))
+        return SqliteStateStore(sqlite_path(url, base_dir))
     if scheme in ("redis", "rediss", "unix"):
         if scheme == "unix" and not parts.path.startswith("/"):
             raise ValueError(
@@ -51,17 +51,21 @@ def open_state_store(
     )
 
 
-def _sqlite_path(url: str, base_dir: Path | None) -> Path:
+def sqlite_path(
+    url: str, base_dir: Path | None, *, what: str = "state store", accepted: str = ACCEPTED_FORMS
+) -> Path:
+    """The file a sqlite:/// URL names (`what` and `accepted` only word the errors): three
+    slashes and a path relative to `base_dir`, or four slashes and an absolute path."""
     rest = url[len("sqlite:") :]
     if not rest.startswith("///") or "?" in rest or "#" in rest:
-        raise ValueError(f"SQLite state store URL {url!r} is not one of: {ACCEPTED_FORMS}")
+        raise ValueError(f"SQLite {what} URL {url!r} is not one of: {accepted}")
     raw = rest[3:]
     if raw in ("", "/") or raw.endswith("/"):
-        raise ValueError(f"SQLite state store URL {url!r} names no file")
+        raise ValueError(f"SQLite {what} URL {url!r} names no file")
     if raw.startswith("/"):
         return Path(raw)
     if base_dir is None:
-        raise ValueError(f"SQLite state store URL {url!r} is relative but no base directory is set")
+        raise ValueError(f"SQLite {what} URL {url!r} is relative but no base directory is set")
     return base_dir / raw
 
 

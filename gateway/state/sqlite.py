@@ -45,6 +45,94 @@ _SCAN_BATCH = 500
 _FEED_BATCH = 1000
 
 
+class SqliteThread:
+    """One SQLite file's connection, kept on a dedicated thread of its own (sqlite3 blocks; the
+    event loop must not): opened, used and closed only there. Shared by the embedded stores.
+
+    The file is private (0700 directory, 0600 file) and in WAL mode, so the gateway's worker
+    processes share it; `schema` is a script of idempotent statements run at every open.
+    SQLite and OS errors come out as `unavailable(detail)` (each store's fail-closed error).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        schema: str,
+        synchronous: str,
+        busy_timeout: float,
+        what: str,
+        unavailable: Callable[[str], Exception],
+    ) -> None:
+        self.path = path
+        self._schema = schema
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
+        self._what = what  # "state store", "device store": the thread's name and the errors'
+        self._unavailable = unavailable
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None  # touched only on the executor's thread
+
+    @property
+    def is_open(self) -> bool:
+        return self._executor is not None and self._conn is not None
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # O_EXCL-free create: several workers may race here; whoever creates it sets 0600, and
+        # SQLite gives the -wal and -shm files the same mode as the database file.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=True
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            # Each statement is idempotent and atomic: workers starting together are safe.
+            conn.executescript(self._schema)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def open(self) -> None:
+        """Create the file, the schema, the thread and the connection. Idempotent."""
+        if self._conn is not None:
+            return
+        if sqlite3.sqlite_version_info < (3, 35, 0):  # … RETURNING makes single writes atomic
+            raise self._unavailable(
+                f"SQLite {sqlite3.sqlite_version} is too old: need 3.35 or newer"
+            )
+        name = "tabiji-" + self._what.split()[0]
+        executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._executor = executor
+        try:
+            self._conn = await asyncio.get_running_loop().run_in_executor(executor, self._connect)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unavailable(f"SQLite {self._what} {self.path}: {exc}") from exc
+
+    async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `job` with the connection on the thread."""
+        executor, conn = self._executor, self._conn
+        if executor is None or conn is None:
+            raise self._unavailable(f"the SQLite {self._what} is not open")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, job, conn)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unavailable(f"SQLite {self._what} {self.path}: {exc}") from exc
+
+    async def close(self, *, wait: bool) -> None:
+        """Close the connection and stop the thread (`wait`: until its last job has ended)."""
+        executor, conn = self._executor, self._conn
+        self._executor = self._conn = None
+        if executor is None:
+            return
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        executor.shutdown(wait=wait)
+
+
 class SqliteStateStore:
     """StateStore on a SQLite file; every process (uvicorn worker) opens its own instance.
 
@@ -61,49 +149,28 @@ class SqliteStateStore:
         purge_interval: float = 60.0,
         feed_retention: float = 3600.0,
     ) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
+        self._thread = SqliteThread(
+            path,
+            schema=_SCHEMA,
+            synchronous="NORMAL",
+            busy_timeout=busy_timeout,
+            what="state store",
+            unavailable=StateUnavailable,
+        )
         self._purge_interval = purge_interval
         self._feed_retention = feed_retention
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None  # touched only on the executor's thread
-        self._last_purge = 0.0  # time.monotonic(); read and written only on that thread
+        self._last_purge = 0.0  # time.monotonic(); read and written only on the store's thread
 
     @property
     def path(self) -> Path:
         """The database file."""
-        return self._path
+        return self._thread.path
 
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run `job` with the connection on the store's thread; sqlite/OS errors → unavailable."""
-        if self._executor is None or self._conn is None:
-            raise StateUnavailable("the SQLite state store is not open")
-        conn = self._conn
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, job, conn)
-        except (sqlite3.Error, OSError) as exc:
-            raise StateUnavailable(f"SQLite state store {self._path}: {exc}") from exc
-
-    def _connect(self) -> sqlite3.Connection:
-        """Create the directory and file (0600: only the gateway reads sessions) and the schema."""
-        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # O_EXCL-free create: several workers may race here; whoever creates it sets 0600, and
-        # SQLite gives the -wal and -shm files the same mode as the database file.
-        os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
-        conn = sqlite3.connect(
-            self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=True
-        )
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.executescript(_SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return await self._thread.run(job)
 
     def _after_write(self, conn: sqlite3.Connection, now: float) -> None:
         """Delete expired rows and old feed messages, at most once per purge interval."""
@@ -119,28 +186,11 @@ class SqliteStateStore:
 
     async def open(self) -> None:
         """Create the file, tables and this store's thread and connection. Idempotent."""
-        if self._conn is not None:
-            return
-        if sqlite3.sqlite_version_info < (3, 35, 0):  # DELETE … RETURNING makes take() atomic
-            raise StateUnavailable(
-                f"SQLite {sqlite3.sqlite_version} is too old: need 3.35 or newer"
-            )
-        executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix="tabiji-state")
-        self._executor = executor
-        try:
-            self._conn = await asyncio.get_running_loop().run_in_executor(executor, self._connect)
-        except (sqlite3.Error, OSError) as exc:
-            raise StateUnavailable(f"SQLite state store {self._path}: {exc}") from exc
+        await self._thread.open()
 
     async def close(self) -> None:
         """Close the connection and stop the thread."""
-        executor, conn = self._executor, self._conn
-        self._executor = self._conn = None
-        if executor is None:
-            return
-        if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        executor.shutdown(wait=False)
+        await self._thread.close(wait=False)
 
     async def ping(self) -> bool:
         """True when a trivial query answers."""

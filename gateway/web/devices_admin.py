@@ -15,21 +15,30 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Final, Protocol
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.devices.fixes import DeviceAdvisor
-from gateway.devices.intake_http import AdminAudit, Where, record_admin, where_of
+from gateway.devices.intake_http import AdminAudit, record_admin
 from gateway.devices.model import STATUSES, DeviceError, DeviceRecord, DeviceStatus
 from gateway.errors import GatewayError
 from gateway.identity.csrf import Csrf
-from gateway.identity.model import Identity
 from gateway.pages import Pages
 from gateway.web.audit_view import Viewer, plain
-from gateway.web.catalogue import LANGUAGES
+from gateway.web.forms import posted_by_own_page, read_form
+from gateway.web.guard import Resolver
+from gateway.web.responses import (
+    chosen_language,
+    error_page,
+    for_forms,
+    redirect,
+    respond,
+    switch_language_href,
+)
+from gateway.web.where import Where, where_of
 
 log = logging.getLogger("tabiji.devices")
 
@@ -59,12 +68,6 @@ POSTURE_FIELDS: Final = (
 )
 
 Access = Callable[[Request], Awaitable[Viewer | Response]]
-
-
-class Resolver(Protocol):
-    async def resolve(
-        self, headers: list[tuple[bytes, bytes]], authority: str, https: bool, now: float
-    ) -> Identity | None: ...
 
 
 class AdminRegistry(Protocol):
@@ -168,8 +171,7 @@ class DevicesAdmin:
     # -- plumbing -------------------------------------------------------------------------------
 
     def _language(self, request: Request, form: Mapping[str, str] | None = None) -> str:
-        chosen = (form or {}).get("lang") or request.query_params.get("lang", "")
-        return chosen if chosen in LANGUAGES else self.pages.language(request.scope["headers"])
+        return chosen_language(self.pages, request, form)
 
     def _text(self, message_id: str, language: str) -> str:
         return self.pages.text(message_id, language).title
@@ -184,34 +186,20 @@ class DevicesAdmin:
         status: int = 200,
         **context: Any,
     ) -> Response:
-        other = "en" if language == "ja" else "ja"
-        query = {k: v for k, v in request.query_params.items() if k not in ("lang", "done")}
         headers, body = self.pages.render_page(
             template,
             language=language,
             https=where.https,
             extra_css="devices.css",
-            lang_switch_href=f"{request.url.path}?{urlencode({**query, 'lang': other})}",
+            # The notice of a done action is not shown again in the other language.
+            lang_switch_href=switch_language_href(request, language, drop=("done",)),
             list_href=f"{BASE}?{urlencode({'lang': language})}",
             **context,
         )
-        # Forms post with their Origin (see gateway/identity/routes.py `_page`).
-        headers = [(k, b"same-origin" if k == b"referrer-policy" else v) for k, v in headers]
-        response = Response(body, status_code=status)
-        response.raw_headers.extend(headers)
-        return response
+        return respond(status, body, for_forms(headers))
 
     def _error(self, request: Request, where: Where, status: int, code: str) -> Response:
-        headers, body = self.pages.render_error(
-            status=status,
-            code=code,
-            request_id=request.scope.get("tabiji.request_id", "-"),
-            request_headers=request.scope["headers"],
-            https=where.https,
-        )
-        response = Response(body, status_code=status)
-        response.raw_headers.extend(headers)
-        return response
+        return error_page(self.pages, request, https=where.https, status=status, code=code)
 
     async def _session_hash(self, request: Request, where: Where) -> str | None:
         """The browser session the CSRF token is bound to (the guard already let the user in)."""
@@ -440,18 +428,10 @@ class DevicesAdmin:
         viewer = await self.guard(request)
         if isinstance(viewer, Response):
             return viewer
-        form = await _form(request)
+        form = await read_form(request, MAX_FORM_BYTES)
         session_hash = await self._session_hash(request, where)
-        if (
-            form is None
-            or session_hash is None
-            or not self.csrf.check(
-                token=form.get("csrf"),
-                session_hash=session_hash,
-                purpose=CSRF_PURPOSE,
-                headers=request.scope["headers"],
-                request_origin=where.origin,
-            )
+        if form is None or not posted_by_own_page(
+            self.csrf, form, request, where, session_hash=session_hash, purpose=CSRF_PURPOSE
         ):
             record_admin(
                 self.audit,
@@ -499,11 +479,8 @@ class DevicesAdmin:
             actor=actor,
         )
         done = {"approve": "approved", "revoke": "revoked", "tag": "tagged"}[action]
-        response = Response(b"", status_code=303)
-        response.raw_headers.extend(self.pages.security_headers(where.https))
         location = device_href(record.id, language, done=done)
-        response.raw_headers.append((b"location", location.encode()))
-        return response
+        return redirect(self.pages, location, https=where.https, status=303)
 
     async def approve(self, request: Request) -> Response:
         """POST …/approve: the device may be used from now on."""
@@ -544,52 +521,3 @@ class DevicesAdmin:
 def parse_tags(text: str) -> frozenset[str]:
     """Tags as typed: separated by spaces or commas, lower-cased (the registry checks the rest)."""
     return frozenset(tag.lower() for tag in _TAG_SPLIT.split(text.strip()) if tag)
-
-
-async def _form(request: Request) -> dict[str, str] | None:
-    """A small urlencoded form; None when it is something else, too large or repeats a field."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/x-www-form-urlencoded":
-        return None
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            return None
-    try:
-        pairs = parse_qsl(body.decode(), keep_blank_values=True)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    form: dict[str, str] = {}
-    for key, value in pairs:
-        if key in form:
-            return None
-        form[key] = value
-    return form
-
-
-def admin_routes(
-    *,
-    guard: Access,
-    resolver: Resolver,
-    registry: AdminRegistry,
-    advisor: DeviceAdvisor,
-    pages: Pages,
-    csrf: Csrf,
-    audit: AdminAudit,
-    posture_max_age: float = 3600.0,
-    clock: Callable[[], float] = time.time,
-) -> list[BaseRoute]:
-    """The IT admin pages: GET /.tabiji/devices, GET /.tabiji/devices/device/{id},
-    GET+POST …/{id}/revoke, POST …/{id}/approve, POST …/{id}/tags."""
-    return DevicesAdmin(
-        guard=guard,
-        resolver=resolver,
-        registry=registry,
-        advisor=advisor,
-        pages=pages,
-        csrf=csrf,
-        audit=audit,
-        posture_max_age=posture_max_age,
-        clock=clock,
-    ).routes()

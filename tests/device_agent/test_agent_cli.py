@@ -23,7 +23,7 @@ from device_agent import report
 from device_agent.cli import curl_command, curl_method, main, open_browser, proof_target
 from device_agent.client import GatewayClient
 from device_agent.enrolment import Enroller, EnrolmentFailed, Machine
-from device_agent.keys import FileKeyStore
+from device_agent.keys import FileKeyStore, open_key_store
 from device_agent.state import AgentState, Enrolment, Fix, LastReport
 from tests import swtpm_fixture
 from tests.swtpm_fixture import Swtpm
@@ -90,6 +90,14 @@ def test_usage_errors_exit_2() -> None:
     assert main(["run", "--ports", "80-90"]) == 2
     assert main(["run", "--interval", "0"]) == 2
     assert main(["proof", "GET"]) == 2
+
+
+def test_run_refuses_a_check_interval_of_zero(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run --check-every 0` (a busy loop) is a usage error: exit 2 and the allowed range."""
+    assert main(["run", "--check-every", "0"]) == 2
+    assert "1〜3600 秒" in capsys.readouterr().err
 
 
 # -- status ------------------------------------------------------------------------------------
@@ -426,6 +434,36 @@ def test_enroll_with_a_tpm_key_proves_it_to_the_gateway(
         url=peer.origin + "/x",
         now=time.time(),
     )
+
+
+def test_the_tpm_credential_answer_goes_out_before_the_first_wait(
+    tmp_path: Path, peer: Peer, swtpm: Swtpm
+) -> None:
+    """The answer to the gateway's TPM credential is sent in a poll at once, not one poll
+    interval later, so a quick confirmation already finds the key attested ("tpm")."""
+    from gateway.devices.attestation import AttestationVerifier
+
+    peer.state.attestation_verifier = AttestationVerifier.from_pem_files(swtpm.ca_cert_pem_paths)
+    confirmed_before_each_wait: list[list[bool]] = []
+
+    def sleep(seconds: float) -> None:
+        confirmed_before_each_wait.append(list(peer.state.credential_confirmed))
+        peer.state.decision = "approved"  # the user confirms during the first wait
+
+    state = AgentState(tmp_path / "agent")
+    record = Enroller(
+        state=state,
+        key_store=open_key_store(state.key_directory, tcti=swtpm.tcti),
+        client=GatewayClient(peer.origin),
+        tell=lambda *a, **k: None,
+        open_browser=None,
+        machine=Machine("pc", "", "linux"),
+        sleep=sleep,
+    ).run()
+    assert record.status == "approved"
+    assert record.key_storage == "tpm"
+    assert confirmed_before_each_wait[0] == [True]  # answered and checked before any wait
+    assert all(peer.state.credential_confirmed)
 
 
 def test_a_tpm_key_serves_the_loopback_thread_and_the_reports_at_once(

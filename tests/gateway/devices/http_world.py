@@ -22,9 +22,9 @@ from device_agent.report import sign_enrolment
 from gateway.decide import PolicyHolder
 from gateway.devices.attestation import AttestationVerifier
 from gateway.devices.ca import DeviceCA
-from gateway.devices.enrollment import enrolment_routes, policy_auto_approve
+from gateway.devices.enrollment import EnrolmentEndpoints, policy_auto_approve
 from gateway.devices.fixes import DeviceAdvisor, PolicyTarget
-from gateway.devices.intake_http import device_api_routes
+from gateway.devices.intake_http import DeviceApi
 from gateway.devices.posture import PostureIntake
 from gateway.devices.registry import DeviceRegistry
 from gateway.devices.store_sqlite import SqliteDeviceStore
@@ -35,14 +35,14 @@ from gateway.pages import Pages
 from gateway.state.ratelimit import RateLimiter
 from gateway.state.sqlite import SqliteStateStore
 from gateway.web.catalogue import load_catalogue
-from gateway.web.devices_admin import admin_routes
+from gateway.web.devices_admin import DevicesAdmin
 from gateway.web.endpoints import build_internal_app
 from gateway.web.guard import PolicyGuard
 from policies.loader import load_policy_dir
+from tests.gateway.devices.registry_helpers import Login
 
 HOST = "gw.town.example"
 ORIGIN = f"https://{HOST}"
-ISSUER = "https://idp.town.example"
 CSRF_SECRET = b"a-test-csrf-secret-of-32-bytes!!"
 
 # staff may use the wiki from an approved device with an encrypted disk and a firewall;
@@ -64,25 +64,6 @@ policies:
     allow:
       group: it-admins
 """
-
-
-@dataclass(frozen=True)
-class Login:
-    """A completed OIDC login (what gateway.identity.sessions.LoginFacts asks)."""
-
-    issuer: str = ISSUER
-    subject: str = "u-sato"
-    email: str | None = "sato@town.example"
-    email_verified: bool = True
-    name: str | None = "佐藤 花子"
-    groups: frozenset[str] = frozenset({"staff"})
-    groups_overage: bool = False
-    amr: frozenset[str] = frozenset({"pwd"})
-    acr: str | None = None
-    sid: str | None = None
-    id_token: str | None = None
-    refresh_token: str | None = None
-    claims: Mapping[str, Any] = field(default_factory=dict)
 
 
 SATO = Login()
@@ -257,7 +238,7 @@ async def world(
         holder=holder, policy="it-admins", resource="tabiji-devices", resolver=resolver, pages=pages
     )
     routes: list[BaseRoute] = [
-        *enrolment_routes(
+        *EnrolmentEndpoints(
             registry=registry,
             store=store,
             ca=ca,
@@ -274,8 +255,8 @@ async def world(
             poll_limiter=limits.poll,
             confirm_limiter=limits.confirm,
             code_ttl=code_ttl,
-        ),
-        *device_api_routes(
+        ).routes(),
+        *DeviceApi(
             intake=PostureIntake(registry, audience=origin),
             registry=registry,
             ca=ca,
@@ -286,8 +267,8 @@ async def world(
             audit=record,
             address_limiter=limits.report_address,
             owner_limiter=limits.report_owner,
-        ),
-        *admin_routes(
+        ).routes(),
+        *DevicesAdmin(
             guard=guard,
             resolver=resolver,
             registry=registry,
@@ -295,7 +276,7 @@ async def world(
             pages=pages,
             csrf=csrf,
             audit=record,
-        ),
+        ).routes(),
     ]
 
     async def readiness() -> dict[str, Any]:

@@ -1,12 +1,14 @@
-"""Helpers for the device registry tests: keys, new devices, stores of both kinds (a fresh
-PostgreSQL schema per test, dropped afterwards) and raw access to a store's rows."""
+"""Helpers for the device registry tests: keys, new devices, their owner's completed login,
+stores of both kinds (a fresh PostgreSQL schema per test, dropped afterwards) and raw access to
+a store's rows."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,25 @@ POSTGRES_URL = os.environ.get(
 T0 = 1_790_000_000.0  # a fixed unix time (2026-09)
 ISSUER = "https://idp.town.example"
 KINDS = ("sqlite", "postgres")
+
+
+@dataclass(frozen=True)
+class Login:
+    """A completed OIDC login (what gateway.identity.sessions.LoginFacts asks)."""
+
+    issuer: str = ISSUER
+    subject: str = "u-sato"
+    email: str | None = "sato@town.example"
+    email_verified: bool = True
+    name: str | None = "佐藤 花子"
+    groups: frozenset[str] = frozenset({"staff"})
+    groups_overage: bool = False
+    amr: frozenset[str] = frozenset({"pwd"})
+    acr: str | None = None
+    sid: str | None = None
+    id_token: str | None = None
+    refresh_token: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=dict)
 
 
 def require_postgres(url: str = POSTGRES_URL) -> None:

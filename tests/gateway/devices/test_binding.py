@@ -41,7 +41,7 @@ from gateway.state.sqlite import SqliteStateStore
 from gateway.web.catalogue import load_catalogue
 from gateway.wire_devices import websocket_closer
 from policies.loader import load_policy_dir
-from tests.gateway.devices.registry_helpers import ISSUER, new_device
+from tests.gateway.devices.registry_helpers import Login, new_device
 from tests.gateway.factories import make_ctx, make_route, make_upstream
 
 PUBLIC = "gw.example.test"
@@ -49,22 +49,6 @@ ORIGIN = f"https://{PUBLIC}"
 APP = "app.example.test"
 COOKIE = "__Host-tabiji-session"
 PORTS = (47801, 47802, 47803)
-
-
-@dataclass(frozen=True)
-class Login:
-    issuer: str = ISSUER
-    subject: str = "u-sato"
-    email: str | None = "sato@town.example"
-    email_verified: bool = True
-    name: str | None = "佐藤"
-    groups: frozenset[str] = frozenset({"staff"})
-    groups_overage: bool = False
-    amr: frozenset[str] = frozenset({"pwd"})
-    acr: str | None = None
-    sid: str | None = None
-    id_token: str | None = None
-    refresh_token: str | None = None
 
 
 class Clock:

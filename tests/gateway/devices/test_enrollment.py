@@ -224,6 +224,24 @@ async def test_confirm_page_shows_the_device_in_words(tmp_path: Path) -> None:
         assert "content-security-policy" in english.headers
 
 
+async def test_confirm_page_shows_the_code_the_agent_shows(tmp_path: Path) -> None:
+    """The page shows the code as the agent prints it (XXXX-XXXX, labelled as the agent labels
+    it), however the code was typed into the address, so the person can compare the two."""
+    async with world(tmp_path) as w:
+        shown = (await w.enrol(make_key())).json()["user_code"]
+        browser = await w.login()
+        typed = shown.lower().replace("-", " ")
+        page = await w.client.get(
+            "/.tabiji/devices/confirm", params={"code": typed}, headers=browser
+        )
+        assert page.status_code == 200
+        assert f'<dt>確認コード</dt><dd class="mono">{shown}</dd>' in page.text
+        english = await w.client.get(
+            "/.tabiji/devices/confirm", params={"code": shown, "lang": "en"}, headers=browser
+        )
+        assert f'<dt>Confirmation code</dt><dd class="mono">{shown}</dd>' in english.text
+
+
 async def test_confirm_without_a_code_asks_for_one(tmp_path: Path) -> None:
     """Opened without a code, the page asks the person to type the one the agent shows."""
     async with world(tmp_path) as w:

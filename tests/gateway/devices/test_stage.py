@@ -35,7 +35,7 @@ from gateway.identity.model import Identity
 from gateway.identity.sessions import SessionManager
 from gateway.state.sqlite import SqliteStateStore
 from gateway.target import Target
-from tests.gateway.devices.registry_helpers import ISSUER, new_device
+from tests.gateway.devices.registry_helpers import ISSUER, Login, new_device
 from tests.gateway.factories import make_peer, make_route
 
 APP = "app.example.test"
@@ -394,22 +394,6 @@ async def test_a_certificate_from_another_ca_is_refused(world: World) -> None:
 
 
 # --- the browser session's bound device --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Login:
-    issuer: str = ISSUER
-    subject: str = "u-sato"
-    email: str | None = "u-sato@town.example"
-    email_verified: bool = True
-    name: str | None = "佐藤"
-    groups: frozenset[str] = frozenset({"staff"})
-    groups_overage: bool = False
-    amr: frozenset[str] = frozenset({"pwd"})
-    acr: str | None = None
-    sid: str | None = None
-    id_token: str | None = None
-    refresh_token: str | None = None
 
 
 async def browser(world: World, subject: str = "u-sato") -> tuple[str, Identity]:
