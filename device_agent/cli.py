@@ -287,6 +287,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                 tell=tell,
                 open_browser=None if args.no_browser else open_browser,
                 ca_file=ca_file,
+                replace=args.replace,
             )
             record = enroller.run()
     except EnrolmentFailed as failure:
@@ -634,6 +635,7 @@ def build_parser(language: str) -> argparse.ArgumentParser:
     enroll.add_argument("gateway", metavar="URL", help=text("help-gateway"))
     enroll.add_argument("--ca-file", metavar="FILE", help=text("help-ca-file"))
     enroll.add_argument("--no-browser", action="store_true", help=text("help-no-browser"))
+    enroll.add_argument("--replace", action="store_true", help=text("help-replace"))
     enroll.set_defaults(handler=cmd_enroll)
 
     status = commands.add_parser("status", parents=[common], help=text("help-status"))

@@ -99,9 +99,11 @@ class Enroller:
         open_browser: Callable[[str], bool] | None,
         machine: Machine | None = None,
         ca_file: Path | None = None,
+        replace: bool = False,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        self.replace = replace
         self.state = state
         self.key_store = key_store
         self.client = client
@@ -118,9 +120,15 @@ class Enroller:
         EnrolmentFailed / GatewayError / KeyStoreError."""
         existing = self.state.load_enrolment()
         if existing is not None and existing.device_id is not None:
-            raise EnrolmentFailed(
-                "already-enrolled", gateway=existing.gateway, device_id=existing.device_id
-            )
+            # A revoked device never comes back with its old key (revocation is terminal on
+            # the gateway): starting over with a new key is the only way, so it needs no flag.
+            if not (self.replace or existing.status == "revoked"):
+                raise EnrolmentFailed(
+                    "already-enrolled", gateway=existing.gateway, device_id=existing.device_id
+                )
+            self.tell("enrol-replacing", gateway=existing.gateway, device_id=existing.device_id)
+            self.state.discard_device()
+            existing = None
         key = self._key()
         if existing is not None and self._resumable(existing):
             try:

@@ -161,9 +161,20 @@ MESSAGES: Final[dict[str, dict[str, str]]] = {
     # -- enrol --
     "enrol-already": {
         "ja": "この端末はすでに {gateway} に登録されています（端末 ID: {device_id}）。"
-        "登録し直す場合は情報政策担当へご連絡ください。",
+        "新しい鍵で登録し直す場合は tabiji-agent enroll --replace {gateway} を実行してください"
+        "（今の登録は使えなくなり、情報政策担当の承認が改めて必要になることがあります）。",
         "en": "This device is already enrolled with {gateway} (device id: {device_id}). "
-        "Please contact IT to enrol it again.",
+        "To enrol it again with a new key, run tabiji-agent enroll --replace {gateway} "
+        "(the current enrolment stops working; IT may have to approve the device again).",
+    },
+    "enrol-replacing": {
+        "ja": "以前の登録（端末 ID: {device_id}）とその鍵を削除し、新しい鍵で登録し直します。",
+        "en": "Removing the previous enrolment (device id: {device_id}) and its key; "
+        "enrolling again with a new key.",
+    },
+    "help-replace": {
+        "ja": "登録済みでも、鍵を作り直して登録し直す",
+        "en": "enrol again with a new key even if this device is enrolled",
     },
     "enrol-key-tpm": {
         "ja": "端末の鍵を TPM（セキュリティチップ）に用意しました。",

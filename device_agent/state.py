@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -310,6 +311,15 @@ class AgentState:
     def forget_enrolment(self) -> None:
         """Drop the enrolment record (a refused or expired enrolment); the key stays."""
         self.enrolment_path.unlink(missing_ok=True)
+
+    def discard_device(self) -> None:
+        """Forget this device entirely — enrolment, reports, certificate and the key itself — so
+        `enroll --replace` starts over with a new key (a revoked key can never come back)."""
+        for path in (self.enrolment_path, self.directory / LAST_REPORT_FILE):
+            path.unlink(missing_ok=True)
+        for path in (self.certificate_path, self.ca_path):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.key_directory, ignore_errors=True)
 
     def load_last_report(self) -> LastReport | None:
         path = self.directory / LAST_REPORT_FILE

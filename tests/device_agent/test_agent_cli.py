@@ -3,6 +3,7 @@ fixes), report, proof, curl, renew and run — real files, keys, sockets and pro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -265,6 +266,38 @@ def test_enroll_twice_is_refused(
     assert "すでに" in capsys.readouterr().err
     assert (home / "key" / "device-key.pem").read_bytes() == key_before
     assert len(peer.state.enrolment_requests) == 1
+
+
+def test_enroll_replace_starts_over_with_a_new_key(
+    home: Path, peer: Peer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`enroll --replace` discards the enrolment and its key and enrols a new key."""
+    enrolled(home, peer, capsys)
+    key_before = (home / "key" / "device-key.pem").read_bytes()
+    first_id = AgentState(home).load_enrolment()
+    assert main(["enroll", peer.origin, "--no-browser", "--replace"]) == 0
+    assert "新しい鍵で登録し直します" in capsys.readouterr().out
+    assert (home / "key" / "device-key.pem").read_bytes() != key_before
+    assert len(peer.state.enrolment_requests) == 2
+    again = AgentState(home).load_enrolment()
+    assert first_id is not None
+    assert again is not None
+    assert again.device_id != first_id.device_id
+
+
+def test_enroll_after_revocation_needs_no_flag(
+    home: Path, peer: Peer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A device the gateway revoked enrols again with a new key (its old key never comes back)."""
+    enrolled(home, peer, capsys)
+    state = AgentState(home)
+    record = state.load_enrolment()
+    assert record is not None
+    state.save_enrolment(dataclasses.replace(record, status="revoked"))
+    key_before = (home / "key" / "device-key.pem").read_bytes()
+    assert main(["enroll", peer.origin, "--no-browser"]) == 0
+    assert (home / "key" / "device-key.pem").read_bytes() != key_before
+    assert len(peer.state.enrolment_requests) == 2
 
 
 def test_enroll_refuses_plain_http_to_another_machine(
