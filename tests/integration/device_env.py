@@ -412,3 +412,127 @@ def device_env(
         stack.callback(agent.stop_all)  # first out: the agent before its gateway and its TPM
         identity = IdentityEnv(idp, gateway, upstream, ca, directory)
         yield DeviceEnv(identity, swtpm, agent, directory)
+
+
+# -- a trusted mTLS ingress (nginx) ----------------------------------------------------------------
+
+INGRESS_SOURCE = "127.0.0.2"  # nginx connects to the gateway from here: the one trusted proxy
+START_TIMEOUT_NGINX = 15.0
+NGINX_STOP_TIMEOUT = 10.0
+_NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    log_format mtls '$remote_addr "$request" $status verify=$ssl_client_verify';
+    access_log {dir}/access.log mtls;
+    # Temp paths in the prefix dir (the Debian defaults may not exist); bodies stay in memory.
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        # Only the gateway's device CA vouches for a client; nginx checks signature and dates.
+        ssl_client_certificate {client_ca};
+        ssl_verify_client on;
+        ssl_verify_depth 1;
+        location / {{
+            proxy_pass http://127.0.0.1:{gateway_port};
+            proxy_bind {source};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header {header} $ssl_client_escaped_cert;
+            proxy_max_temp_file_size 0;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Ingress:
+    """nginx terminating TLS, verifying client certificates and forwarding them to the gateway."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    directory: Path
+
+    @property
+    def origin(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def logs(self) -> str:
+        """nginx's error and access logs, for a failing assertion's message."""
+        parts = []
+        for name in ("error.log", "access.log", "stderr.log"):
+            path = self.directory / name
+            if path.exists():
+                parts.append(f"-- nginx {name}\n" + path.read_text("utf-8", "replace")[-4000:])
+        return "\n".join(parts)
+
+
+def require_nginx() -> str:
+    """The nginx binary; skip (fail when CI=true) without Debian's nginx."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    must_have(found is not None, "Debian nginx is not installed (apt-get install nginx)")
+    assert found is not None
+    return found
+
+
+@contextlib.contextmanager
+def mtls_ingress(
+    directory: Path,
+    *,
+    gateway_port: int,
+    tls: tuple[Path, Path],
+    client_ca: Path,
+    port: int | None = None,
+    header: str = CERT_HEADER,
+    source: str = INGRESS_SOURCE,
+) -> Iterator[Ingress]:
+    """nginx on 127.0.0.1:`port` (TLS, `ssl_verify_client on` against `client_ca`) proxying to
+    the gateway from `source`, the verified certificate in `header`; stopped by PID at the end."""
+    nginx = require_nginx()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tmp").mkdir(exist_ok=True)
+    port = port or free_port()
+    conf = directory / "nginx.conf"
+    conf.write_text(
+        _NGINX_CONF.format(
+            dir=directory,
+            port=port,
+            cert=tls[0],
+            key=tls[1],
+            client_ca=client_ca,
+            gateway_port=gateway_port,
+            source=source,
+            header=header,
+        )
+    )
+    command = [nginx, "-p", str(directory), "-c", str(conf), "-e", str(directory / "error.log")]
+    with (directory / "stderr.log").open("wb") as stderr:
+        process = subprocess.Popen(command, stdout=stderr, stderr=subprocess.STDOUT)
+    ingress = Ingress(port, process, directory)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_NGINX
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"nginx exited with {process.returncode}:\n{ingress.logs()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"nginx did not listen within {START_TIMEOUT_NGINX:.0f} s")
+            time.sleep(0.05)
+        yield ingress
+    finally:
+        stop_process(process, NGINX_STOP_TIMEOUT)
