@@ -240,9 +240,14 @@ class DeviceCA:
             # A new error each time: re-raising one instance would grow its traceback forever.
             raise DeviceError(checked.refusal[0], checked.refusal[1], 403)
         if now >= checked.not_after:
-            raise DeviceError(code="device-certificate-expired", detail=checked.serial, status=403)
+            # Signed by our CA, so the device is known: IT sees which one holds a stale certificate.
+            raise DeviceError(
+                "device-certificate-expired", checked.serial, 403, device_id=checked.device_id
+            )
         if now < checked.not_before:
-            raise DeviceError(code="device-certificate-invalid", detail="not valid yet", status=403)
+            raise DeviceError(
+                "device-certificate-invalid", "not valid yet", 403, device_id=checked.device_id
+            )
         return VerifiedCertificate(checked.serial, checked.device_id)
 
     def _check(self, given: str | bytes) -> _Checked:

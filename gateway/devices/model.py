@@ -27,10 +27,13 @@ class DeviceError(Exception):
 
     status = 400
 
-    def __init__(self, code: str, detail: str = "", status: int | None = None) -> None:
+    def __init__(
+        self, code: str, detail: str = "", status: int | None = None, *, device_id: str = ""
+    ) -> None:
         super().__init__(f"{code}: {detail}" if detail else code)
         self.code = code
         self.detail = detail
+        self.device_id = device_id  # the device concerned, once a signature has proved which
         if status is not None:
             self.status = status
 

@@ -338,7 +338,7 @@ class DeviceStage:
         try:
             verified = self._certificates.verify(certs[0].decode("latin-1").strip(), now=now)
         except DeviceError as error:
-            raise _cert_refused(error.code) from None
+            raise _cert_refused(error.code, error.device_id or None) from None
         record = self._registry.get_cached(verified.device_id)
         if record is None:
             raise _cert_refused(NOTE_DEVICE_UNKNOWN, verified.device_id)

@@ -407,6 +407,7 @@ def test_e_an_expired_certificate_is_refused_with_its_precise_reason(env: Env) -
     record = audited(env, after.headers["x-request-id"])
     assert "device-certificate-expired" in record["reasons"]
     assert record["decision"] != "allow"
+    assert record["device_id"] == DEVICE_ID  # signed by the device CA: the device is known
     path = "/own/" + marker("mtls-e-new")
     with env.edge(cert_path) as client:
         response = client.get(path)

@@ -92,6 +92,9 @@ def test_an_expired_certificate_is_refused_even_when_cached(tmp_path: Path) -> N
     assert ca.verify(issued.cert_pem, now=now).device_id == "dev-1"
     assert refused(ca, issued.cert_pem, now + 3601) == "device-certificate-expired"
     assert refused(ca, issued.cert_pem, now - 3600) == "device-certificate-invalid"
+    with pytest.raises(DeviceError) as expired:
+        ca.verify(issued.cert_pem, now=now + 3601)
+    assert expired.value.device_id == "dev-1"  # our CA signed it: which device is known
 
 
 def test_certificates_of_another_ca_are_untrusted(tmp_path: Path) -> None:
