@@ -299,6 +299,7 @@ def _identity_endpoints(
             pages=pages,
             csrf=csrf,
             audit=audit,
+            public_origin=settings.public_url,
             posture_max_age=config.posture_max_age,
         ).routes()
     return endpoints

@@ -242,7 +242,10 @@ class DeviceCA:
         if now >= checked.not_after:
             # Signed by our CA, so the device is known: IT sees which one holds a stale certificate.
             raise DeviceError(
-                "device-certificate-expired", checked.serial, 403, device_id=checked.device_id
+                code="device-certificate-expired",
+                detail=checked.serial,
+                status=403,
+                device_id=checked.device_id,
             )
         if now < checked.not_before:
             raise DeviceError(

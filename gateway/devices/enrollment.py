@@ -44,6 +44,7 @@ from gateway.errors import GatewayError
 from gateway.identity.csrf import Csrf
 from gateway.identity.model import Identity
 from gateway.pages import Pages
+from gateway.routing import canonical_authority
 from gateway.state.base import StateStore
 from gateway.web.catalogue import LANGUAGES
 from gateway.web.forms import posted_by_own_page, read_form
@@ -346,6 +347,9 @@ class EnrolmentEndpoints:
         self.pages = pages
         self.csrf = csrf
         self.origin = origin.rstrip("/")
+        scheme, _, authority = self.origin.partition("://")
+        # The person's pages answer here only (see _off_public).
+        self.public_origin = f"{scheme}://{canonical_authority(authority, scheme)}"
         self.auto_approve = auto_approve
         self.auto_approve_name = auto_approve_name
         self.audit = audit
@@ -592,6 +596,14 @@ class EnrolmentEndpoints:
     def _error(self, request: Request, where: Where, status: int, code: str) -> Response:
         return error_page(self.pages, request, https=where.https, status=status, code=code)
 
+    def _off_public(self, request: Request, where: Where) -> Response | None:
+        """404 off the public URL. /.tabiji/* answers on every route host too, where a page of
+        the application is same-origin with it: its script could read the CSRF token and post
+        "this is my computer" for an attacker's key in the person's host session."""
+        if where.origin != self.public_origin:
+            return self._error(request, where, 404, "route-not-found")
+        return None
+
     def _login(self, where: Where, back: str) -> Response:
         # Relative, like gateway/web/guard.py: the login of this same host.
         return redirect(self.pages, f"/.tabiji/login?rd={quote(back, safe='')}", https=where.https)
@@ -613,6 +625,8 @@ class EnrolmentEndpoints:
     ) -> Identity | Response:
         """The session's person, or the response instead: an error page, or the login redirect
         that comes back to `back` (by default this very page)."""
+        if (refused := self._off_public(request, where)) is not None:
+            return refused
         identity = await self._identity(request, where)
         if identity is None:
             if back is None:

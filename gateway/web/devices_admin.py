@@ -27,6 +27,7 @@ from gateway.devices.model import STATUSES, DeviceError, DeviceRecord, DeviceSta
 from gateway.errors import GatewayError
 from gateway.identity.csrf import Csrf
 from gateway.pages import Pages
+from gateway.routing import canonical_authority
 from gateway.web.audit_view import Viewer, plain
 from gateway.web.forms import posted_by_own_page, read_form
 from gateway.web.guard import Resolver
@@ -145,9 +146,12 @@ class DevicesAdmin:
         pages: Pages,
         csrf: Csrf,
         audit: AdminAudit,
+        public_origin: str,
         posture_max_age: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        scheme, _, authority = public_origin.rstrip("/").partition("://")
+        self.public_origin = f"{scheme}://{canonical_authority(authority, scheme)}"
         self.guard = guard
         self.resolver = resolver
         self.registry = registry
@@ -201,6 +205,15 @@ class DevicesAdmin:
     def _error(self, request: Request, where: Where, status: int, code: str) -> Response:
         return error_page(self.pages, request, https=where.https, status=status, code=code)
 
+    async def _admin(self, request: Request) -> Viewer | Response:
+        """The guard, on the public URL only. /.tabiji/* answers on every route host too, where a
+        page of the application is same-origin with it: its script, riding an admin's host
+        session, could read the list and the CSRF token and approve an attacker's device."""
+        where = where_of(request)
+        if where.origin != self.public_origin:
+            return self._error(request, where, 404, "route-not-found")
+        return await self.guard(request)
+
     async def _session_hash(self, request: Request, where: Where) -> str | None:
         """The browser session the CSRF token is bound to (the guard already let the user in)."""
         try:
@@ -240,7 +253,7 @@ class DevicesAdmin:
 
     async def list_page(self, request: Request) -> Response:
         """GET /.tabiji/devices: every device (pending first), filtered by status and owner."""
-        viewer = await self.guard(request)
+        viewer = await self._admin(request)
         if isinstance(viewer, Response):
             return viewer
         where = where_of(request)
@@ -308,7 +321,7 @@ class DevicesAdmin:
     async def _device(
         self, request: Request, where: Where
     ) -> tuple[Viewer, DeviceRecord] | Response:
-        viewer = await self.guard(request)
+        viewer = await self._admin(request)
         if isinstance(viewer, Response):
             return viewer
         device_id = request.path_params["device_id"]
@@ -425,7 +438,7 @@ class DevicesAdmin:
         self, request: Request, where: Where
     ) -> tuple[Viewer, str, dict[str, str]] | Response:
         """The admin, the device id and the form of an action that passed guard and CSRF."""
-        viewer = await self.guard(request)
+        viewer = await self._admin(request)
         if isinstance(viewer, Response):
             return viewer
         form = await read_form(request, MAX_FORM_BYTES)

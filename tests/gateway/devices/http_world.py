@@ -276,6 +276,7 @@ async def world(
             pages=pages,
             csrf=csrf,
             audit=record,
+            public_origin=origin,
         ).routes(),
     ]
 

@@ -33,6 +33,7 @@ from gateway.devices.store_sqlite import SqliteDeviceStore
 from gateway.headers import upstream_request_headers
 from gateway.identity.model import Identity
 from gateway.identity.sessions import SessionManager
+from gateway.state.base import StateUnavailable
 from gateway.state.sqlite import SqliteStateStore
 from gateway.target import Target
 from tests.gateway.devices.registry_helpers import ISSUER, Login, new_device
@@ -213,6 +214,23 @@ async def test_a_replayed_proof_is_refused_by_every_replica(world: World) -> Non
     assert error.status == 401
     # A new jti from the same device on the other worker passes: only the replay was refused.
     await check(world.stage_again(), [proof(key, record.id)], identity=user())
+
+
+class _ReplayStoreDown:
+    """A shared state store that cannot be reached (what gateway.state raises then)."""
+
+    async def put_new(self, ns: str, key: str, value: bytes, ttl: float) -> bool:
+        raise StateUnavailable("the state store is down")
+
+
+@pytest.mark.anyio
+async def test_a_proof_is_refused_while_the_replay_cache_is_down(world: World) -> None:
+    """With the jti store unreachable a valid proof names no device: the stage raises (the
+    pipeline answers 503), it never accepts a proof whose single use it could not record."""
+    record, key = await world.enrol()
+    stage = world.stage_again(replay=_ReplayStoreDown())
+    with pytest.raises(StateUnavailable):
+        await check(stage, [proof(key, record.id)], identity=user())
 
 
 @pytest.mark.anyio
