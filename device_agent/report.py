@@ -31,6 +31,7 @@ MAX_TOKEN_BYTES: Final = 16 * 1024  # a report is ~1 KiB; refuse anything far la
 DEFAULT_MAX_SKEW: Final = 300  # seconds of clock difference tolerated between laptop and gateway
 PROOF_HEADER: Final = "DPoP"
 MAX_FACT_TEXT: Final = 200
+MAX_INTEGER: Final = 2**63 - 1
 
 OsName = Literal["linux", "macos", "windows"]
 KeyStorage = Literal["tpm", "software"]
@@ -242,8 +243,9 @@ def _verify(
 
 def _int_claim(claims: Mapping[str, Any], name: str) -> int:
     value = claims.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ReportInvalid("report-malformed", f"{name} is not a non-negative integer")
+    # Bounded to a signed 64-bit column: a larger counter must be refused here, not crash a store.
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INTEGER:
+        raise ReportInvalid("report-malformed", f"{name} is not an integer in 0..2^63-1")
     return value
 
 

@@ -117,6 +117,7 @@ def audit_view_routes(
         resolver=resolver,
         pages=pages,
         geoip=geoip,
+        public_origin=settings.public_url,
     )
     return list(
         audit_routes(reader=reader, pages=pages, access=guard, record_view=parts.trail.view)

@@ -19,7 +19,9 @@ from gateway.context import Peer
 from gateway.decide import PolicyHolder
 from gateway.identity.model import Identity
 from gateway.pages import Pages
+from gateway.routing import canonical_authority
 from gateway.web.audit_view import Viewer
+from gateway.web.where import where_of
 from policies.engine import evaluate
 from policies.geoip import GeoIP
 from policies.model import AccessRequest, Resource
@@ -44,8 +46,15 @@ class PolicyGuard:
         resolver: Resolver | None,
         pages: Pages,
         geoip: GeoIP | None = None,
+        public_origin: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        # These pages answer only on the public URL: on a route host they would share an origin
+        # (and the session cookie) with that application, so its scripts could read them.
+        self._public_origin = None
+        if public_origin is not None:
+            scheme, _, authority = public_origin.rstrip("/").partition("://")
+            self._public_origin = f"{scheme}://{canonical_authority(authority, scheme)}"
         self._holder = holder
         self._policy = policy
         self._resource = resource
@@ -55,6 +64,8 @@ class PolicyGuard:
         self._clock = clock
 
     async def __call__(self, request: Request) -> Viewer | Response:
+        if self._public_origin is not None and where_of(request).origin != self._public_origin:
+            return self._page(request, 404, "route-not-found", ())
         peer: Peer | None = request.scope.get("tabiji.peer")
         https = (peer.scheme if peer else request.url.scheme) == "https"
         authority = peer.authority if peer else request.url.netloc
@@ -91,15 +102,27 @@ class PolicyGuard:
         https: bool,
         reasons: tuple[str, ...],
     ) -> Response:
+        return self._page(request, 403, "access-denied", reasons, headers=headers, https=https)
+
+    def _page(
+        self,
+        request: Request,
+        status: int,
+        code: str,
+        reasons: tuple[str, ...],
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        https: bool | None = None,
+    ) -> Response:
         page_headers, body = self._pages.render_error(
-            status=403,
-            code="access-denied",
+            status=status,
+            code=code,
             request_id=request.scope.get("tabiji.request_id", "-"),
-            request_headers=headers,
+            request_headers=headers if headers is not None else list(request.scope["headers"]),
             reasons=reasons,
-            https=https,
+            https=where_of(request).https if https is None else https,
         )
-        response = Response(body, status_code=403)
+        response = Response(body, status_code=status)
         for name, value in page_headers:
             response.headers[name.decode()] = value.decode()
         return response

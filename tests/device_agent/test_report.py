@@ -244,3 +244,10 @@ def test_thumbprint_is_rfc7638() -> None:
 def test_proof_url_is_normalised(typed: str, expected: str) -> None:
     """Scheme, host case and default ports never make a hand-typed URL's proof fail (§4.3)."""
     assert report.proof_url(typed) == expected
+
+
+def test_a_counter_beyond_64_bits_is_refused(key: ec.EllipticCurvePrivateKey) -> None:
+    """A counter no 64-bit store column can hold is a malformed report, not a store crash."""
+    token = report.sign_report(_report(counter=2**63), key)
+    assert _code(lambda: _verify(token, key)) == "report-malformed"
+    assert _verify(report.sign_report(_report(counter=2**63 - 1), key), key).counter == 2**63 - 1

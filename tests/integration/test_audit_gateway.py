@@ -590,6 +590,9 @@ def test_auditors_view_and_admin_records(upstream: Upstream, tmp_path: Path) -> 
             shown = env.login(auditor, env.p + "/.tabiji/audit", AUDITOR.username)
         with env.client() as staff:
             refused = env.login(staff, env.p + "/.tabiji/audit", "suzuki")
+            # On a route host the view would share an origin — and the session cookie — with that
+            # application, whose scripts could then read the trail: it answers on P only.
+            elsewhere = staff.get(env.h + "/.tabiji/audit")
         revoke = env.cli("sessions", "revoke", "--user", "suzuki@town.example.jp")
         assert env.gateway.stop() == 0
     assert anonymous.status_code == 302
@@ -597,6 +600,7 @@ def test_auditors_view_and_admin_records(upstream: Upstream, tmp_path: Path) -> 
     assert anonymous.headers["location"] == "/.tabiji/login?rd=%2F.tabiji%2Faudit"
     assert shown.status_code == 200
     assert refused.status_code == 403
+    assert elsewhere.status_code == 404
     assert revoke.returncode == 0, revoke.stderr
 
     config = env.gateway.config_path
