@@ -28,6 +28,7 @@ from gateway.identity.resolve import session_cookie_name, single_cookie
 from gateway.identity.returnto import safe_return_path
 from gateway.pages import Pages
 from gateway.routing import canonical_authority
+from gateway.state.ratelimit import RateLimiter
 from gateway.web.endpoint_audit import Audit, audit_action
 from gateway.web.responses import error_page, redirect, respond
 from gateway.web.where import Where, where_of
@@ -109,9 +110,12 @@ class DeviceBindingEndpoints:
         challenge_ttl: float = 120.0,
         max_skew: float = 300.0,
         audit: Audit | None = None,
+        limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         scheme, _, authority = public_origin.rstrip("/").partition("://")
+        # Each check stores a challenge: a session may make only so many (a loop, a script).
+        self.limiter = limiter if limiter is not None else RateLimiter(30, 10)
         if scheme not in ("http", "https") or not authority or not loopback_ports:
             raise ValueError("public_origin must be http(s)://host[:port]; ports must be given")
         # The origin the agent enrolled with: the only place it sends a browser back to.
@@ -163,6 +167,8 @@ class DeviceBindingEndpoints:
             # Relative: the login of this same host, which comes back to where the person was
             # going (and from there to this check again).
             return self._redirect(where, f"{LOGIN_PATH}?rd={quote(back, safe='')}")
+        if not self.limiter.allow(identity.session_hash, time.monotonic()):
+            return self._error(request, where, _Refused(429, code="device-rate-limited"))
         challenge = secrets.token_urlsafe(CHALLENGE_BYTES)
         record = {
             "session": identity.session_hash,

@@ -272,6 +272,21 @@ async def test_without_a_session_the_check_sends_the_browser_to_log_in(world: Wo
 
 
 @pytest.mark.anyio
+async def test_a_session_may_make_only_so_many_challenges(world: World) -> None:
+    """Each check stores a challenge: past the burst a session gets 429, another session not."""
+    looping, _ = await world.login()
+    calm, _ = await world.login()
+    async with world.client(cookie=looping) as client:
+        statuses = [
+            (await client.get("/.tabiji/device/check", params={"rd": "/"})).status_code
+            for _ in range(12)
+        ]
+    assert statuses[:10] == [200] * 10
+    assert statuses[-1] == 429
+    assert await start_check(world, calm)
+
+
+@pytest.mark.anyio
 async def test_a_challenge_is_single_use(world: World) -> None:
     """The same answer a second time is refused: the challenge was taken by the first."""
     record, key = await world.enrol()
