@@ -22,12 +22,17 @@ from policies.yaml_source import SourceErrors
 
 log = logging.getLogger("tabiji.policy")
 RELOAD_STAMP = ".tabiji-reload"  # `tabiji reload` touches it; every worker's watcher sees it
+# Kubernetes mounts a ConfigMap as symlinks into `..data`, which kubelet swaps atomically (a
+# rename of `..data_tmp`): the policy files' own names never see an event, only `..data` does.
+KUBELET_DATA_LINK = "..data"
 _WATCHED_SUFFIXES = (".yaml", ".yml")
 
 
 def _relevant(change: watchfiles.Change, path: str) -> bool:
     name = Path(path).name
-    return name == RELOAD_STAMP or (name.endswith(_WATCHED_SUFFIXES) and not name.startswith("."))
+    if name in (RELOAD_STAMP, KUBELET_DATA_LINK):
+        return True
+    return name.endswith(_WATCHED_SUFFIXES) and not name.startswith(".")
 
 
 class PolicyReloader:

@@ -159,3 +159,43 @@ async def test_reloads_and_refusals_are_audit_records(tmp_path: Path) -> None:
     assert recorded[0][1]["new_hash"] == new
     assert recorded[1][1]["hash"] == new
     assert "policies.yaml:5" in str(recorded[1][1]["error"])
+
+
+def _kubelet_publish(directory: Path, version: str, text: str) -> None:
+    """Publish a ConfigMap version the way kubelet's atomic writer does: a new timestamped
+    directory, a `..data_tmp` symlink to it renamed over `..data`; the files link into `..data`."""
+    versioned = directory / f"..{version}"
+    versioned.mkdir()
+    (versioned / "policies.yaml").write_text(text, encoding="utf-8")
+    tmp_link = directory / "..data_tmp"
+    tmp_link.symlink_to(versioned.name)
+    tmp_link.rename(directory / "..data")
+    link = directory / "policies.yaml"
+    if not link.is_symlink():
+        link.symlink_to("..data/policies.yaml")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("use_events", [True, False], ids=["file-events", "polling"])
+async def test_watcher_follows_a_kubernetes_configmap_update(
+    tmp_path: Path, use_events: bool
+) -> None:
+    """A ConfigMap update (kubelet swaps the `..data` symlink; no policy file's name changes) is
+    picked up by the file-event watcher as well as by polling."""
+    _kubelet_publish(tmp_path, "v1", GOOD)
+    reloader = PolicyReloader(
+        directory=tmp_path,
+        holder=PolicyHolder(load_policy_dir(tmp_path)),
+        required=frozenset({"app"}),
+        poll_interval=0.1,
+        use_events=use_events,
+        count=Counted(),
+    )
+    old = reloader.holder.current.content_hash
+    await reloader.start()
+    try:
+        await asyncio.sleep(0.3)  # let the watcher settle before the update
+        _kubelet_publish(tmp_path, "v2", CHANGED)
+        assert await wait_for_hash_change(reloader, old)
+    finally:
+        await reloader.stop()
