@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from time import perf_counter_ns, time
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -83,6 +83,10 @@ class DeviceStage(Protocol):
         identity: Identity | None,
         now: float,
     ) -> DeviceCheck: ...
+
+    async def recheck(
+        self, check: DeviceCheck, *, identity: Identity | None, now: float
+    ) -> DeviceCheck | None: ...
 
 
 class AssertionStage(Protocol):
@@ -327,6 +331,14 @@ class Pipeline:
             raise AccessDenied(("websocket-not-allowed",))
         t4 = perf_counter_ns()
         verdict = self.decider.decide(ctx)
+        if not verdict.allowed and check.device is not None and self.devices is not None:
+            # Deny path only: another replica may have just accepted this device's report.
+            fresher = await self.devices.recheck(check, identity=identity, now=now)
+            if fresher is not None:
+                check = fresher
+                ctx = replace(ctx, device=check.device, device_channel=check.channel)
+                outcome.ctx, outcome.notes = ctx, check.notes
+                verdict = self.decider.decide(ctx)
         t5 = perf_counter_ns()
         stages.add("route", t2 - t1)
         stages.add("identity", t3 - t2)

@@ -5,7 +5,9 @@ A revocation or posture change made on any replica reaches every replica within 
 (0.5 s by default). If the follower cannot reach the store for longer than `stale_after`, the copy
 is treated as empty (every device unknown → deny) until it can again. Writes go to the store,
 then into the copy at once, then to the change listeners (the pipeline closes WebSockets).
-Must not import gateway.settings.
+Only on the way to a refusal may one device be re-read from the store (`reread`, a few times
+per device per poll interval at most), so a report or enrolment just accepted by another replica is
+honoured on the next request. Must not import gateway.settings.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ log = logging.getLogger("tabiji.devices")
 DeviceChange = Callable[[DeviceRecord, DeviceRecord | None], None]
 SEEN_BUFFER_MAX: Final = 100_000  # last-seen times kept while the store is down (then dropped)
 EXPIRE_EVERY: Final = 60.0  # seconds between sweeps of pending devices past their TTL
+REREAD_TRACKED_MAX: Final = 10_000  # devices whose last re-read times are remembered (bounded)
+# Re-reads of one device per poll interval: a refusal, then the agent's fresh report on another
+# replica, then the retry must still get its own re-read; a client refused in a loop may not
+# cost the store more than this.
+REREAD_PER_DEVICE: Final = 3
+# Re-reads per poll interval for the whole process: a device id in a refused proof is chosen by
+# the client, so invented ids must not turn refusals into unbounded store reads.
+REREAD_BUDGET: Final = 20
 
 
 class RegistryStore(DeviceStore, Protocol):
@@ -86,6 +96,9 @@ class DeviceRegistry:
         self._last_expiry = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self._reread_at: dict[str, list[float]] = {}
+        self._reread_window = float("-inf")
+        self._reread_spent = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -185,6 +198,40 @@ class DeviceRegistry:
             return ()
         ids = self._by_owner.get(owner)
         return tuple(self._devices[i] for i in ids) if ids else ()
+
+    async def reread(self, device_id: str) -> DeviceRecord | None:
+        """The device as the store has it now, for a request about to be refused on what the
+        copy says (unknown device, old posture): another replica may have just accepted its
+        enrolment or report, and this copy learns of it only at its next poll.
+
+        At most REREAD_PER_DEVICE store reads per device and REREAD_BUDGET in all per poll
+        interval (a client refused in a loop, or one inventing device ids, costs the store a
+        bounded amount); past them, and when the store cannot answer, the cached copy. Never
+        on the allow path: an allowed request is never slowed down, and a revocation still
+        reaches it within one poll. None when the copy is stale (fail closed, as `get_cached`).
+        """
+        if not self.fresh:
+            return None
+        now = self._clock()
+        recent = [t for t in self._reread_at.get(device_id, ()) if now - t < self._poll_interval]
+        if len(recent) >= REREAD_PER_DEVICE:
+            return self._devices.get(device_id)
+        if now - self._reread_window >= self._poll_interval:
+            self._reread_window, self._reread_spent = now, 0
+        if self._reread_spent >= REREAD_BUDGET:
+            return self._devices.get(device_id)
+        self._reread_spent += 1
+        if len(self._reread_at) >= REREAD_TRACKED_MAX:
+            self._reread_at.clear()  # bounded: an attacker's invented ids cannot grow it
+        self._reread_at[device_id] = [*recent, now]
+        try:
+            record = await self.store.get(device_id)
+        except Exception as exc:  # the refusal stands; the follower reports the outage (once)
+            log.debug("device registry: re-read of one device failed: %s", type(exc).__name__)
+            return self._devices.get(device_id)
+        if record is not None:
+            self._apply(record)
+        return self._devices.get(device_id)
 
     def key_of(self, record: DeviceRecord) -> ec.EllipticCurvePublicKey:
         """The device's public key, parsed once per key (not per request)."""

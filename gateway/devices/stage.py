@@ -3,7 +3,10 @@ ways — a per-request DPoP-shaped proof, a client certificate forwarded by a tr
 the device bound to the browser session — checked against the registry's in-memory cache.
 
 O(1) and free of I/O on the hot path except the proof's single-use `jti` (the shared state
-store, so every replica agrees). Must not import gateway.settings.
+store, so every replica agrees). Only on the way to a refusal — a device this replica's copy does
+not know yet, or a decision the pipeline is about to deny (`recheck`) — is that one device
+re-read from the store (rate-limited by the registry), so what another replica just accepted is
+honoured on the next request. Must not import gateway.settings.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class RegistryView(Protocol):
     def fresh(self) -> bool: ...
 
     def get_cached(self, device_id: str) -> DeviceRecord | None: ...
+
+    async def reread(self, device_id: str) -> DeviceRecord | None: ...
 
     def key_of(self, record: DeviceRecord) -> ec.EllipticCurvePublicKey: ...
 
@@ -252,7 +257,7 @@ class DeviceStage:
         if certs is not None and all(not value.strip() for value in certs):
             certs = None  # nginx sends an empty value when the client offered no certificate
         if proofs is None and certs is None:
-            return self._from_session(identity, now)
+            return await self._from_session(identity, now)
         if not self._registry.fresh:
             # Fail closed: no key or status can be trusted from a cache that stopped following.
             return STALE
@@ -260,7 +265,7 @@ class DeviceStage:
             record = await self._from_proof(proofs, peer, target, method, now)
             channel: DeviceChannel = "proof"
         else:
-            record = self._from_certificate(certs or [], now)
+            record = await self._from_certificate(certs or [], now)
             channel = "certificate"
         return self._accept(record, channel, identity, now)
 
@@ -275,7 +280,28 @@ class DeviceStage:
         self._registry.seen(record.id, now)
         return DeviceCheck(self._context(record), channel)
 
-    def _from_session(self, identity: Identity | None, now: float) -> DeviceCheck:
+    async def recheck(
+        self, check: DeviceCheck, *, identity: Identity | None, now: float
+    ) -> DeviceCheck | None:
+        """For a request the policy is about to deny: the same device as the store has it now,
+        when that is newer than what the decision saw (a posture report or approval another
+        replica just accepted); None when nothing newer is known. Raises DeviceRefused if the
+        newer record is revoked or no longer the user's. Never called for an allowed request."""
+        if check.device is None or check.channel is None:
+            return None
+        record = await self._registry.reread(check.device.id)
+        if record is None or record.version <= check.device.version:
+            return None
+        return self._accept(record, check.channel, identity, now)
+
+    async def _known(self, device_id: str) -> DeviceRecord | None:
+        """The cached device, else (about to refuse it as unknown) one re-read from the store."""
+        record = self._registry.get_cached(device_id)
+        if record is None:
+            record = await self._registry.reread(device_id)
+        return record
+
+    async def _from_session(self, identity: Identity | None, now: float) -> DeviceCheck:
         if identity is None or identity.method != "session" or identity.session_hash is None:
             return NO_DEVICE  # programs prove their device per request; browsers by binding
         binding = (
@@ -290,7 +316,7 @@ class DeviceStage:
         device_id, bound_at = binding
         if now - bound_at > self._binding_max_age:
             return DeviceCheck(notes=(NOTE_BINDING_EXPIRED,), binding_needed=True)
-        record = self._registry.get_cached(device_id)
+        record = await self._known(device_id)
         if record is None:
             return DeviceCheck(notes=(NOTE_BINDING_UNKNOWN,), binding_needed=True)
         return self._accept(record, "session", identity, now)
@@ -304,7 +330,7 @@ class DeviceStage:
         device_id: str | None = None
         try:
             device_id = unverified_device_id(token, PROOF_TYPE)
-            record = self._registry.get_cached(device_id)
+            record = await self._known(device_id)
             if record is None:
                 raise _proof_refused(NOTE_DEVICE_UNKNOWN, device_id)
             key = self._registry.key_of(record)
@@ -330,7 +356,7 @@ class DeviceStage:
             raise _proof_refused(NOTE_PROOF_REPLAYED, device_id)
         return record
 
-    def _from_certificate(self, certs: list[bytes], now: float) -> DeviceRecord:
+    async def _from_certificate(self, certs: list[bytes], now: float) -> DeviceRecord:
         if len(certs) != 1:
             raise _cert_refused(NOTE_CERT_MULTIPLE)
         if self._certificates is None:
@@ -339,7 +365,7 @@ class DeviceStage:
             verified = self._certificates.verify(certs[0].decode("latin-1").strip(), now=now)
         except DeviceError as error:
             raise _cert_refused(error.code, error.device_id or None) from None
-        record = self._registry.get_cached(verified.device_id)
+        record = await self._known(verified.device_id)
         if record is None:
             raise _cert_refused(NOTE_DEVICE_UNKNOWN, verified.device_id)
         return record
