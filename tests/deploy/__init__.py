@@ -1,0 +1,1 @@
+"""Deployment tests: container images, the compose file, and other shipped deployment assets."""
