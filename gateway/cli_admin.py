@@ -125,7 +125,18 @@ def cmd_sessions(args: argparse.Namespace, settings: GatewaySettings) -> int:
     if args.action == "revoke" and not (args.user or args.subject):
         print("sessions revoke needs --user EMAIL or --subject ISSUER SUBJECT", file=sys.stderr)
         return EXIT_USAGE
-    return asyncio.run(_sessions(settings, args))
+    from gateway.state.base import StateUnavailable
+
+    try:
+        return asyncio.run(_sessions(settings, args))
+    except StateUnavailable as error:
+        # The store is down: say so, and that nothing was ended (no traceback for IT to decode).
+        print(
+            f"the session store cannot be reached ({error.detail}); nothing was changed: "
+            "run the command again once it answers",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
 def cmd_keys(args: argparse.Namespace, settings: GatewaySettings) -> int:

@@ -43,6 +43,9 @@ MAX_ID_TOKEN_AGE: Final = 600.0  # an ID token fresh from the token endpoint was
 MAX_LOGOUT_TOKEN_AGE: Final = 600.0  # Back-Channel Logout 1.0 §2.6 step 3: a recent `iat`
 MAX_DOCUMENT_BYTES: Final = 512 * 1024  # discovery, Graph pages
 MAX_GRAPH_PAGES: Final = 20
+# A provider that answered this recently is taken to be up when a login starts; older than that,
+# its discovery document is fetched again first (see OidcProvider.begin).
+REACHABLE_FOR: Final = 2.0
 # RFC 6749 §5.2 errors after which trying again later can help; any other error response to a
 # refresh means the provider refuses this grant (user disabled, consent withdrawn, session ended).
 _TRANSIENT_OAUTH_ERRORS: Final = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
@@ -263,6 +266,7 @@ class OidcProvider:
             trust_env=False,  # no proxy or CA bundle from the environment
         )
         self._metadata: ProviderMetadata | None = None
+        self._answered_at = float("-inf")  # time.monotonic() of the provider's last answer
         self._pinned_keys = keys
         self._keys: jose.KeySource | None = None
         self._discover_lock = asyncio.Lock()
@@ -298,6 +302,7 @@ class OidcProvider:
                     http_timeout=self.config.http_timeout,
                 )
                 self._metadata = metadata
+                self._answered_at = time.monotonic()
             return self._metadata
 
     def _discovery_url(self) -> str:
@@ -368,6 +373,7 @@ class OidcProvider:
     async def begin(self, now: float, extra: Mapping[str, str] | None = None) -> LoginStart:
         """A new login: fresh state, nonce and PKCE verifier (256 bits each), and the URL."""
         metadata = await self.discover()
+        await self._confirm_reachable()
         state, nonce, verifier = _random(), _random(), _random()
         params = {**dict(self.config.extra_auth_params), **dict(extra or {})}
         url, _ = self._client.create_authorization_url(
@@ -381,6 +387,21 @@ class OidcProvider:
         if f"code_challenge={create_s256_code_challenge(verifier)}" not in url:
             raise OidcError("oidc-discovery-failed", "authorization URL lacks the PKCE challenge")
         return LoginStart(self.config.name, str(url), state, nonce, verifier, now)
+
+    async def _confirm_reachable(self) -> None:
+        """Raise OidcError oidc-discovery-failed unless the provider answers now.
+
+        Discovery is cached for the life of the process, so without this a login would send the
+        browser to a provider that is down, and the person would see the browser's connection
+        error instead of the gateway's page saying the sign-in service cannot be reached. The
+        check re-fetches the discovery document, at most once per REACHABLE_FOR seconds.
+        """
+        if time.monotonic() - self._answered_at < REACHABLE_FOR:
+            return
+        document = await self._get_json(self._discovery_url())
+        # The same checks as at discovery: an impostor answering at the address is not "up".
+        self._parse_metadata(document)
+        self._answered_at = time.monotonic()
 
     async def finish(
         self, params: Mapping[str, str], expected: LoginExpectation, now: float | None = None

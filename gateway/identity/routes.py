@@ -24,7 +24,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import TYPE_CHECKING, Any, Protocol
@@ -54,7 +54,7 @@ from gateway.identity.sessions import (
 )
 from gateway.pages import Pages, wants_json
 from gateway.routing import canonical_authority
-from gateway.state.base import StateStore
+from gateway.state.base import StateStore, StateUnavailable
 from gateway.web.endpoint_audit import Audit, audit_action
 from gateway.web.forms import posted_by_own_page, read_form
 from gateway.web.responses import error_page, for_forms, redirect, respond
@@ -132,6 +132,10 @@ class RateLimiterLike(Protocol):
 
 # (route name, the providers it allows; empty = every provider) for a host and path, or None
 RouteFor = Callable[[str, str], tuple[str, tuple[str, ...]] | None]
+Endpoint = Callable[[Request], Awaitable[Response]]
+# While the state store cannot answer, no login step can be done safely (state, PKCE verifier,
+# hand-off code and the session itself live there): a page that says so, never a bare 500.
+STORE_DOWN_RETRY_AFTER = b"10"
 
 
 def login_url(host_origin: str, return_path: str) -> str:
@@ -222,22 +226,72 @@ class IdentityEndpoints:
         self.tz = display_timezone
 
     def routes(self) -> list[Route]:
+        guard = self._store_guard
         return [
-            Route("/.tabiji/", self.signed_in, methods=["GET"]),
-            Route("/.tabiji/login", self.login, methods=["GET"]),
-            Route("/.tabiji/authorize", self.authorize, methods=["GET"]),
-            Route("/.tabiji/oidc/start", self.start, methods=["GET"]),
-            Route("/.tabiji/oidc/callback", self.callback, methods=["GET"]),
-            Route("/.tabiji/handoff", self.handoff, methods=["GET"]),
-            Route("/.tabiji/logout", self.logout_confirm, methods=["GET"]),
-            Route("/.tabiji/logout", self.logout, methods=["POST"]),
-            Route(LOGGED_OUT_PATH, self.logged_out, methods=["GET"]),
+            Route("/.tabiji/", guard(self.signed_in, code="login-unavailable"), methods=["GET"]),
+            Route("/.tabiji/login", guard(self.login, code="login-unavailable"), methods=["GET"]),
+            Route(
+                "/.tabiji/authorize",
+                guard(self.authorize, code="login-unavailable"),
+                methods=["GET"],
+            ),
+            Route(
+                "/.tabiji/oidc/start", guard(self.start, code="login-unavailable"), methods=["GET"]
+            ),
+            Route(
+                "/.tabiji/oidc/callback",
+                guard(self.callback, code="login-unavailable"),
+                methods=["GET"],
+            ),
+            Route(
+                "/.tabiji/handoff", guard(self.handoff, code="login-unavailable"), methods=["GET"]
+            ),
+            Route(
+                "/.tabiji/logout",
+                guard(self.logout_confirm, code="logout-unavailable"),
+                methods=["GET"],
+            ),
+            Route(
+                "/.tabiji/logout", guard(self.logout, code="logout-unavailable"), methods=["POST"]
+            ),
+            Route(
+                LOGGED_OUT_PATH, guard(self.logged_out, code="logout-unavailable"), methods=["GET"]
+            ),
             Route(
                 "/.tabiji/oidc/backchannel-logout/{provider}",
-                self.backchannel_logout,
+                guard(self.backchannel_logout, code=None),
                 methods=["POST"],
             ),
         ]
+
+    def _store_guard(self, endpoint: Endpoint, *, code: str | None) -> Endpoint:
+        """`endpoint`, answering 503 with the page `code` (ja/en) while the state store is
+        down; `code` None (the provider's back-channel call) gets a JSON 503 it may retry.
+
+        Nothing was granted when the store failed: a login step that cannot store or take its
+        single-use value stops there, and a logout that cannot end the session says so rather
+        than pretending it did.
+        """
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except StateUnavailable as exc:
+                log.warning("%s refused: state store unavailable: %s", request.url.path, exc)
+                retry = [(b"retry-after", STORE_DOWN_RETRY_AFTER)]
+                if code is None:
+                    return respond(
+                        503,
+                        b'{"error":"temporarily_unavailable"}',
+                        [
+                            (b"content-type", b"application/json"),
+                            (b"cache-control", b"no-store"),
+                            *retry,
+                        ],
+                    )
+                return self._error(request, where_of(request), 503, code=code, extra=retry)
+
+        return guarded
 
     # -- plumbing -----------------------------------------------------------------------------
 

@@ -779,13 +779,25 @@ class SessionManager:
     ) -> None:
         """Follow the revocation feed until `stop` is set (one task per process)."""
         cursor: str | None = None
+        failing = False
         while not stop.is_set():
             try:
                 messages, cursor = await self._store.read_since(REVOCATIONS, cursor)
                 self.apply_feed(messages)
+                if failing:
+                    log.warning("the revocation feed can be read again")
+                    failing = False
             except Exception:
-                # The recheck interval still bounds how long a missed revocation can last.
-                log.warning("could not read the revocation feed", exc_info=True)
+                # The recheck interval still bounds how long a missed revocation can last. Once
+                # per outage, not twice a second.
+                if not failing:
+                    log.warning(
+                        "could not read the revocation feed: a cached session is honoured at "
+                        "most %g s after its last check with the store",
+                        self._recheck,
+                        exc_info=True,
+                    )
+                failing = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), poll_interval)
 

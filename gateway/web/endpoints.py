@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.errors import GatewayError
 from gateway.pages import Pages
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, Any]]]  # {"ready": bool, "checks": {...}}
@@ -61,11 +62,27 @@ def build_internal_app(
             response.headers[name.decode()] = value.decode()
         return response
 
+    async def refused(request: Request, exc: Exception) -> Response:
+        # A stage error escaping an endpoint (the state store down while a page resolves its
+        # viewer's session): its own page and status, never a bare 500.
+        status = getattr(exc, "status", 500)
+        headers, body = pages.render_error(
+            status=status,
+            code=getattr(exc, "code", "gateway-error"),
+            request_id=request.scope.get("tabiji.request_id", "-"),
+            request_headers=request.scope["headers"],
+            https=request.url.scheme == "https",
+        )
+        response = Response(body, status_code=status)
+        for name, value in headers:
+            response.headers[name.decode()] = value.decode()
+        return response
+
     return Starlette(
         routes=[
             Route("/.tabiji/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/.tabiji/readyz", readyz, methods=["GET", "HEAD"]),
             *extra_routes,
         ],
-        exception_handlers={404: not_found, 405: not_found},
+        exception_handlers={404: not_found, 405: not_found, GatewayError: refused},
     )

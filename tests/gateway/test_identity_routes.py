@@ -25,6 +25,7 @@ from gateway.identity.routes import (
 )
 from gateway.identity.sessions import SessionManager
 from gateway.pages import Pages
+from gateway.state.base import StateUnavailable
 from gateway.state.ratelimit import RateLimiter
 from gateway.state.sqlite import SqliteStateStore
 from gateway.web.catalogue import load_catalogue
@@ -158,6 +159,7 @@ class Env:
     clock: Clock
     app: Any
     routes: dict[str, tuple[str, tuple[str, ...]]]
+    store: SqliteStateStore
 
     def new_client(self) -> httpx.AsyncClient:
         """Another browser: its own cookie jar."""
@@ -218,7 +220,7 @@ async def make_env(
     )
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=public)
     try:
-        yield Env(client, sessions, providers, audit, clock, app, table)
+        yield Env(client, sessions, providers, audit, clock, app, table, store)
     finally:
         await client.aclose()
         await sessions.drain()
@@ -1013,3 +1015,131 @@ async def test_the_pipelines_peer_decides_scheme_host_and_client(tmp_path: Path)
             assert (await proxy.get("/.tabiji/login")).status_code == 429  # same client
             client_ip["value"] = "198.51.100.2"
             assert (await proxy.get("/.tabiji/login")).status_code == 302  # another client
+
+
+# -- the state store down ---------------------------------------------------------------------
+
+STORE_METHODS = (
+    "get",
+    "put",
+    "put_new",
+    "take",
+    "delete",
+    "index_add",
+    "index_members",
+    "index_remove",
+    "publish",
+    "read_since",
+)
+
+
+def store_down(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every store call fails as an unreachable Redis does (StateUnavailable)."""
+
+    async def unavailable(*args: object, **kwargs: object) -> None:
+        raise StateUnavailable("the test store is down")
+
+    for name in STORE_METHODS:
+        monkeypatch.setattr(env.store, name, unavailable)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("language", ["ja", "en"])
+async def test_without_the_store_a_login_gets_a_page_not_a_500(
+    env: Env, monkeypatch: pytest.MonkeyPatch, language: str
+) -> None:
+    """A login that cannot store its single-use values stops with the 503 login-unavailable
+    page in the reader's language first (the other one beside it), and sets no cookie."""
+    store_down(env, monkeypatch)
+    response = await env.client.get(
+        f"{H}/.tabiji/login", params={"rd": "/x"}, headers={"accept-language": language}
+    )
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "10"
+    assert response.headers["content-language"] == language
+    assert "ログインを一時的に受け付けられません" in response.text
+    assert "Signing in is unavailable for the moment" in response.text
+    assert "set-cookie" not in response.headers
+
+
+@pytest.mark.anyio
+async def test_without_the_store_programs_get_the_code_as_json(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A program asking for JSON gets the stable code, not a page."""
+    store_down(env, monkeypatch)
+    response = await env.client.get(
+        f"{P}/.tabiji/authorize", params={"req": "x"}, headers={"accept": "application/json"}
+    )
+    assert response.status_code == 503
+    assert response.json()["error"] == "login-unavailable"
+
+
+@pytest.mark.anyio
+async def test_without_the_store_a_handoff_code_is_refused(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hand-off code that cannot be taken (single use unprovable) gives no host session."""
+    to_handoff = await handoff_url(env, env.client)
+    store_down(env, monkeypatch)
+    response = await env.client.get(to_handoff)
+    assert response.status_code == 503
+    assert SESSION_COOKIE not in set_cookies(response)
+    assert "ログインを一時的に受け付けられません" in response.text
+
+
+@pytest.mark.anyio
+async def test_without_the_store_logout_says_it_did_not_happen(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A logout that cannot end the session says so (503 logout-unavailable) and keeps the
+    cookie, rather than showing "signed out" while the session lives on."""
+    await sign_in(env, env.client)
+    token = await logout_form(env)
+    store_down(env, monkeypatch)
+    response = await env.client.post(
+        f"{H}/.tabiji/logout", data={"csrf": token}, headers={"origin": H}
+    )
+    assert response.status_code == 503
+    assert "ログアウトを完了できませんでした" in response.text
+    assert "Signing out could not be completed" in response.text
+    assert SESSION_COOKIE not in set_cookies(response)
+
+
+@pytest.mark.anyio
+async def test_without_the_store_backchannel_logout_asks_for_a_retry(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider's logout call gets a JSON 503 (temporarily_unavailable), not a 500 page."""
+    token = env.providers["town"].logout_token(sid="S1")
+    store_down(env, monkeypatch)
+    response = await env.client.post(BCL, data={"logout_token": token})
+    assert response.status_code == 503
+    assert response.json() == {"error": "temporarily_unavailable"}
+    assert response.headers["cache-control"] == "no-store"
+
+
+@pytest.mark.anyio
+async def test_a_store_error_escaping_any_own_page_is_its_page_not_a_500() -> None:
+    """An endpoint that resolves its viewer while the store is down (the auditors' view, the
+    device admin) ends in the error's own page and status, not Starlette's bare 500."""
+    from starlette.routing import Route
+
+    async def guarded_page(request: Any) -> Any:
+        raise StateUnavailable("the test store is down")
+
+    async def readiness() -> dict[str, Any]:
+        return {"ready": True, "checks": {}}
+
+    app = build_internal_app(
+        pages=Pages(load_catalogue()),
+        readiness=readiness,
+        extra_routes=[Route("/.tabiji/audit", guarded_page)],
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url=P) as client:
+        response = await client.get("/.tabiji/audit", headers={"accept-language": "en"})
+    assert response.status_code == 503
+    assert "Your sign-in could not be checked" in response.text
+    assert "ログイン情報を確認できませんでした" in response.text
+    assert response.headers["x-frame-options"] == "DENY"

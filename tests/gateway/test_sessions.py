@@ -27,7 +27,7 @@ from gateway.identity.sessions import (
     SessionManager,
     session_hash,
 )
-from gateway.state.base import StateStore
+from gateway.state.base import StateStore, StateUnavailable
 from gateway.state.redis import RedisStateStore
 from gateway.state.sqlite import SqliteStateStore
 
@@ -433,6 +433,81 @@ async def test_without_the_feed_the_recheck_interval_still_ends_it(new_store: Ne
     await first.revoke(main, "test")
     assert await second.lookup(cookie, P, T0 + 10) is not None  # cached, not yet re-checked
     assert await second.lookup(cookie, P, T0 + 31) is None
+
+
+class OutageStore(SqliteStateStore):
+    """A SQLite store that can be taken down: every read and write fails as Redis does."""
+
+    down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StateUnavailable("the test store is down")
+
+    async def get(self, ns: str, key: str) -> bytes | None:
+        self._check()
+        return await super().get(ns, key)
+
+    async def put(self, ns: str, key: str, value: bytes, ttl: float) -> None:
+        self._check()
+        await super().put(ns, key, value, ttl)
+
+    async def read_since(self, channel: str, cursor: str | None) -> tuple[list[str], str]:
+        self._check()
+        return await super().read_since(channel, cursor)
+
+
+@pytest.mark.anyio
+async def test_without_the_store_a_cached_session_lasts_until_its_recheck(
+    tmp_path: Path,
+) -> None:
+    """With the store down, a session this worker checked is honoured until its recheck is due,
+    then refused (StateUnavailable: 503), never answered from the cache again; with the store
+    back it is found again."""
+    store = OutageStore(tmp_path / "state.db")
+    await store.open()
+    try:
+        sessions = manager(store, recheck_interval=30.0)
+        cookie, _ = await sessions.create_main(Login(), "town", T0)
+        assert await sessions.lookup(cookie, P, T0 + 1) is not None
+        store.down = True
+        assert await sessions.lookup(cookie, P, T0 + 29) is not None  # cached, checked at T0
+        for later in (T0 + 30, T0 + 31, T0 + 600):
+            with pytest.raises(StateUnavailable):
+                await sessions.lookup(cookie, P, later)
+        with pytest.raises(StateUnavailable):  # a cookie this worker never saw
+            await sessions.lookup("x" * 43, P, T0 + 5)
+        store.down = False
+        assert await sessions.lookup(cookie, P, T0 + 601) is not None
+    finally:
+        await sessions.drain()
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_a_feed_outage_is_logged_once_and_its_end_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The feed follower says once that it cannot read the feed (not at every poll) and says
+    when it can again."""
+    store = OutageStore(tmp_path / "state.db")
+    await store.open()
+    sessions = manager(store)
+    stop = asyncio.Event()
+    feed = asyncio.create_task(sessions.run_feed(stop, poll_interval=0.01))
+    try:
+        await asyncio.sleep(0.05)
+        store.down = True
+        await asyncio.sleep(0.2)  # about 20 failed polls
+        store.down = False
+        await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await feed
+        await store.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "tabiji.sessions"]
+    assert sum("could not read the revocation feed" in m for m in messages) == 1
+    assert sum("can be read again" in m for m in messages) == 1
 
 
 @pytest.mark.anyio

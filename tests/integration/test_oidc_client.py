@@ -631,6 +631,31 @@ async def test_refresh_while_the_provider_is_down_is_transient(idp_ca: Any, tmp_
     assert error.code == "oidc-refresh-failed"
 
 
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_no_login_starts_towards_a_provider_that_is_down(
+    idp_ca: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Discovery is cached, but a login start asks the provider again (at most every
+    REACHABLE_FOR s): once it is down, begin() fails (oidc-discovery-failed, which the login
+    endpoint turns into its page) instead of sending the browser to a dead address."""
+    from gateway.identity import oidc
+
+    provider = start_idp(tmp_path / "idp", idp_ca, name="opgone")
+    try:
+        async with relying_party(provider) as rp:
+            await rp.begin(time.time())
+            provider.stop()
+            # Within the window the last answer still counts: no request per login.
+            monkeypatch.setattr(oidc, "REACHABLE_FOR", 3600.0)
+            await rp.begin(time.time())
+            monkeypatch.setattr(oidc, "REACHABLE_FOR", 0.0)
+            error = await oidc_error(rp.begin(time.time()))
+    finally:
+        provider.stop()
+    assert error.code == "oidc-discovery-failed"
+
+
 # -- logout -----------------------------------------------------------------------------------
 
 
