@@ -332,12 +332,17 @@ def main(argv: list[str] | None = None) -> int:
         "--audience", action="append", default=[], help="this app's origin at the gateway"
     )
     parser.add_argument("--fd", type=int, help="serve on this inherited listening socket")
+    parser.add_argument(
+        "--demo-allow-non-loopback",
+        action="store_true",
+        help="DEMO ONLY (containers): listen on a non-loopback address",
+    )
     args = parser.parse_args(argv)
     host = args.host
     if args.fd is not None:
         with socket.socket(fileno=os.dup(args.fd)) as inherited:
             host = inherited.getsockname()[0]
-    if not ipaddress.ip_address(host).is_loopback:
+    if not (args.demo_allow_non_loopback or ipaddress.ip_address(host).is_loopback):
         print("the demo upstream listens on loopback only", file=sys.stderr)
         return 2
     verifier = None
