@@ -278,8 +278,12 @@ class AssertionKeyRing:
         """Add a key that signs from now + publish_ahead; the current one retires then."""
         if keep < MAX_ASSERTION_LIFETIME or publish_ahead < 0:
             raise ValueError(f"keep must be ≥ {MAX_ASSERTION_LIFETIME:.0f} s and publish_ahead ≥ 0")
+        self._make_directory()  # `tabiji keys rotate` on a new host creates the first key ring
         with self._locked():
-            self.load()
+            if (self.directory / _INDEX).exists():
+                self.load()
+            else:
+                self._keys = ()
             if any(key.activates > now for key in self._keys):
                 raise KeyRingError(f"{self.directory}: a rotation is already pending")
             # Nothing signs right now (a first key, or every key retired): no one to wait for.

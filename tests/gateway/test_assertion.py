@@ -366,3 +366,15 @@ def test_convenience_headers_cannot_inject() -> None:
     assert groups == [b"UTF-8''a%2Cb", b"UTF-8''it%27s", b"UTF-8''%E7%B7%8F%E5%8B%99%E8%AA%B2"]
     for value in headers.values():
         assert all(0x20 <= byte < 0x7F for byte in value)
+
+
+def test_rotate_on_a_new_host_creates_the_first_key_ring(tmp_path: Path) -> None:
+    """`tabiji keys rotate` where no key ring exists yet (not even its directory) creates it,
+    private to the owner, with a key that signs at once — the fix the load error names."""
+    ring = AssertionKeyRing(tmp_path / "absent" / "keys")
+    new = ring.rotate(T0, publish_ahead=600)
+    assert ring.signing_key(T0).kid == new.kid
+    assert ring.directory.stat().st_mode & 0o777 == 0o700
+    again = AssertionKeyRing(ring.directory)
+    again.load()
+    assert [key.kid for key in again.keys] == [new.kid]
