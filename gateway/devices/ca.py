@@ -5,7 +5,9 @@ The CA key (P-256) and its self-signed certificate live in a 0700 directory, cre
 use and loaded once. Verification is cached per certificate fingerprint, so the hot path does no
 uncached signature checks; only the validity window is compared with `now` each time.
 Revocation is the registry's job (a revoked device's certificate names a revoked device).
-Must not import gateway.settings.
+Rotation without downtime: `prepare` adds a next CA that every gateway trusts but none issues
+with, `activate` makes it the issuing CA and keeps the old certificate (not its key) trusted
+until `prune` drops it once all it issued has expired. Must not import gateway.settings.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -36,6 +39,29 @@ CERT_FILE: Final = "device-ca.pem"
 DEFAULT_LIFETIME: Final = 30 * 86400.0
 BACKDATE: Final = 300.0  # not_before this far in the past: laptops' clocks run a little behind
 _PEM_BEGIN: Final = "-----BEGIN CERTIFICATE-----"
+# One flat directory (a Kubernetes Secret holds no subdirectories): the prepared CA, trusted but
+# not yet issuing, and the certificates (never keys) of earlier CAs, named
+# retired-device-ca-<unix time retired>-<sha256 prefix>.pem.
+NEXT_KEY_FILE: Final = "next-device-ca-key.pem"
+NEXT_CERT_FILE: Final = "next-device-ca.pem"
+RETIRED_PREFIX: Final = "retired-device-ca-"
+BUNDLE_FILE: Final = "device-ca-bundle.pem"  # every trusted CA, for the ingress's client-CA file
+
+log = logging.getLogger("tabiji.devices")
+
+
+class CARotationError(Exception):
+    """A rotation step that does not fit the directory's state (e.g. activate with nothing
+    prepared)."""
+
+
+class TrustedCA(NamedTuple):
+    """One CA certificate the gateway accepts device certificates from."""
+
+    role: str  # "current" (issues), "next" (prepared) or "retired"
+    certificate: x509.Certificate
+    path: Path
+    retired_at: float | None  # for "retired": when it stopped issuing
 
 
 class IssuedCertificate(NamedTuple):
@@ -80,6 +106,8 @@ class DeviceCA:
         self._cert: x509.Certificate | None = None
         self._cert_pem = ""
         self._cache: OrderedDict[bytes, _Checked] = OrderedDict()
+        self._trusted: tuple[TrustedCA, ...] = ()
+        self._stamp: tuple[tuple[int, int] | None, ...] | None = None
 
     # -- the CA itself ----------------------------------------------------------------------
 
@@ -93,8 +121,33 @@ class DeviceCA:
             key_path, cert_path = self.directory / KEY_FILE, self.directory / CERT_FILE
             if not key_path.exists():
                 self._create(key_path, cert_path)
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            cert_pem = cert_path.read_text(encoding="ascii")
+                self._write_bundle(self._read_trusted()[1])
+            self._read()
+
+    def _stamp_now(self) -> tuple[tuple[int, int] | None, ...]:
+        """What changes when the directory is rotated: a few stat calls, no reads."""
+        stamp: list[tuple[int, int] | None] = []
+        for path in (
+            self.directory / KEY_FILE,
+            self.directory / CERT_FILE,
+            self.directory / NEXT_CERT_FILE,
+            self.directory,  # its mtime changes when a retired certificate comes or goes
+        ):
+            try:
+                info = path.stat()
+            except OSError:
+                stamp.append(None)
+            else:
+                stamp.append((info.st_mtime_ns, info.st_ino))
+        return tuple(stamp)
+
+    def _read_trusted(
+        self,
+    ) -> tuple[tuple[ec.EllipticCurvePrivateKey, x509.Certificate, str], tuple[TrustedCA, ...]]:
+        """The issuing key and certificate, and every trusted CA; ValueError on a torn state."""
+        key_path, cert_path = self.directory / KEY_FILE, self.directory / CERT_FILE
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        cert_pem = cert_path.read_text(encoding="ascii")
         cert = x509.load_pem_x509_certificate(cert_pem.encode("ascii"))
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
             key.curve, ec.SECP256R1
@@ -102,12 +155,45 @@ class DeviceCA:
             raise ValueError(f"{key_path}: the device CA key must be P-256")
         if cert.public_key() != key.public_key():
             raise ValueError(f"{cert_path} does not belong to {key_path}")
-        self._key, self._cert, self._cert_pem = key, cert, cert_pem
+        trusted = [TrustedCA("current", cert, cert_path, None)]
+        next_cert = self.directory / NEXT_CERT_FILE
+        if next_cert.exists():
+            trusted.append(TrustedCA("next", _load_ca(next_cert), next_cert, None))
+        for path in sorted(self.directory.glob(RETIRED_PREFIX + "*.pem")):
+            trusted.append(TrustedCA("retired", _load_ca(path), path, _retired_at(path)))
+        return (key, cert, cert_pem), tuple(trusted)
 
-    def _create(self, key_path: Path, cert_path: Path) -> None:
+    def _read(self) -> None:
+        stamp = self._stamp_now()  # before reading: a change while we read is seen next time
+        (key, cert, cert_pem), trusted = self._read_trusted()
+        self._key, self._cert, self._cert_pem = key, cert, cert_pem
+        self._trusted, self._stamp = trusted, stamp
+
+    def refresh(self) -> bool:
+        """Re-read the directory if a rotation changed it (four stat calls otherwise); True if
+        it did. A half-written state keeps what is loaded and is read again next time.
+
+        Called before issuing, before handing out the CA certificate, and when a certificate's
+        issuer is unknown — never per request for a known certificate."""
+        if self._key is None:
+            self.load()
+            return True
+        if self._stamp_now() == self._stamp:
+            return False
+        try:
+            self._read()
+        except (OSError, ValueError) as error:
+            log.warning("device CA not reloaded, keeping the loaded one: %s", error)
+            return False
+        self._cache.clear()  # a pruned CA's certificates must not stay verified from the cache
+        return True
+
+    def _create(self, key_path: Path, cert_path: Path, common_name: str | None = None) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.now(UTC)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self._common_name)])
+        name = x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, common_name or self._common_name)]
+        )
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -147,9 +233,88 @@ class DeviceCA:
 
     @property
     def ca_pem(self) -> str:
-        """The CA certificate (PEM): for the agent, and for the ingress's client-CA setting."""
-        self.load()
+        """The issuing CA certificate (PEM), for the agent (the ingress wants `bundle_pem`)."""
+        self.refresh()
         return self._cert_pem
+
+    # -- rotation (the CLI on the host: `tabiji devices ca …`) -------------------------------
+
+    def trusted(self) -> tuple[TrustedCA, ...]:
+        """Every CA a device certificate is accepted from: current, next and retired."""
+        self.refresh()
+        return self._trusted
+
+    @property
+    def bundle_pem(self) -> str:
+        """Every trusted CA certificate (PEM, concatenated): the ingress's client-CA file."""
+        return _bundle(self.trusted())
+
+    def _write_bundle(self, trusted: tuple[TrustedCA, ...]) -> None:
+        _write_private(self.directory / BUNDLE_FILE, _bundle(trusted).encode("ascii"), 0o644)
+
+    def prepare(self, now: float) -> x509.Certificate:
+        """Create the next CA: from now on every gateway reading this directory accepts its
+        certificates, but the current CA still issues. Rewrites the bundle."""
+        self.load()
+        with _locked(self.directory / ".lock"):
+            next_key, next_cert = self.directory / NEXT_KEY_FILE, self.directory / NEXT_CERT_FILE
+            if next_key.exists():
+                raise CARotationError(f"{next_key}: a next CA is already prepared; activate it")
+            stamp = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d %H:%M")
+            self._create(next_key, next_cert, f"{self._common_name} {stamp}")
+            self._read()
+            self._write_bundle(self._trusted)
+            return _load_ca(next_cert)
+
+    def activate(self, now: float) -> tuple[x509.Certificate, x509.Certificate]:
+        """Make the prepared CA the issuing one; the old certificate is kept as retired (still
+        trusted), its key is overwritten. Returns (old, new) certificates."""
+        self.load()
+        with _locked(self.directory / ".lock"):
+            self._read()
+            next_key, next_cert = self.directory / NEXT_KEY_FILE, self.directory / NEXT_CERT_FILE
+            if not next_key.exists() or not next_cert.exists():
+                raise CARotationError(
+                    f"{self.directory}: no next CA; run `tabiji devices ca prepare` first"
+                )
+            old = self._cert
+            assert old is not None
+            name = f"{RETIRED_PREFIX}{int(now)}-{old.fingerprint(hashes.SHA256()).hex()[:16]}.pem"
+            # Retired first: the old CA never stops being trusted, whatever step we stop at.
+            retired = old.public_bytes(serialization.Encoding.PEM)
+            _write_private(self.directory / name, retired, 0o644)
+            # A gateway reading between these two renames sees a key that does not match the
+            # certificate, keeps what it has loaded and reads again on its next look.
+            os.replace(next_cert, self.directory / CERT_FILE)
+            os.replace(next_key, self.directory / KEY_FILE)
+            self._read()
+            self._cache.clear()
+            self._write_bundle(self._trusted)
+            assert self._cert is not None
+            return old, self._cert
+
+    def prune(self, now: float, keep: float) -> list[TrustedCA]:
+        """Forget retired CAs that stopped issuing more than `keep` seconds ago (set it to the
+        certificate lifetime: all they issued has expired) or that have expired themselves."""
+        self.load()
+        with _locked(self.directory / ".lock"):
+            self._read()
+            gone = [
+                ca
+                for ca in self._trusted
+                if ca.role == "retired"
+                and (
+                    (ca.retired_at is not None and ca.retired_at + keep <= now)
+                    or ca.certificate.not_valid_after_utc.timestamp() <= now
+                )
+            ]
+            for ca in gone:
+                ca.path.unlink()
+            if gone:
+                self._read()
+                self._cache.clear()
+                self._write_bundle(self._trusted)
+            return gone
 
     # -- issuing ----------------------------------------------------------------------------
 
@@ -162,7 +327,7 @@ class DeviceCA:
         lifetime: float | None = None,
     ) -> IssuedCertificate:
         """A client-auth certificate for the device's own key (renewal: issue again)."""
-        self.load()
+        self.refresh()  # after `activate`, issue with the new CA at once
         assert self._key is not None
         assert self._cert is not None
         if not device_id or not device_id.isprintable() or len(device_id) > 64:
@@ -265,14 +430,11 @@ class DeviceCA:
             cert = _parse(given)
         except ValueError as exc:
             return refused(code="device-certificate-invalid", detail=f"unreadable: {exc}"[:120])
-        if cert.issuer != self._cert.subject:
-            return refused(code="device-certificate-untrusted", detail="issued by another CA")
-        try:
-            cert.verify_directly_issued_by(self._cert)
-        except (ValueError, TypeError, InvalidSignature):
-            return refused(
-                code="device-certificate-untrusted", detail="not signed by the device CA"
-            )
+        problem = self._issuer_problem(cert)
+        if problem is not None and self.refresh():  # a CA prepared since we last looked
+            problem = self._issuer_problem(cert)
+        if problem is not None:
+            return refused(code="device-certificate-untrusted", detail=problem)
         try:
             device_id = _device_id(cert)
         except (ValueError, x509.ExtensionNotFound) as exc:
@@ -284,6 +446,41 @@ class DeviceCA:
             cert.not_valid_after_utc.timestamp(),
             None,
         )
+
+    def _issuer_problem(self, cert: x509.Certificate) -> str | None:
+        """None when one of the trusted CAs signed `cert`, else why not."""
+        named = [ca for ca in self._trusted if ca.certificate.subject == cert.issuer]
+        if not named:
+            return "issued by another CA"
+        for ca in named:
+            try:
+                cert.verify_directly_issued_by(ca.certificate)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return None
+        return "not signed by the device CA"
+
+
+def _load_ca(path: Path) -> x509.Certificate:
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    if not constraints.ca:
+        raise ValueError(f"{path}: not a CA certificate")
+    return cert
+
+
+def _retired_at(path: Path) -> float | None:
+    """When a retired CA stopped issuing, from its file name (None: placed by hand, unknown)."""
+    try:
+        return float(path.name.removeprefix(RETIRED_PREFIX).split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _bundle(trusted: tuple[TrustedCA, ...]) -> str:
+    return "".join(
+        ca.certificate.public_bytes(serialization.Encoding.PEM).decode("ascii") for ca in trusted
+    )
 
 
 def _parse(given: str | bytes) -> x509.Certificate:

@@ -113,6 +113,9 @@ def add_devices_parser(commands: Any) -> argparse.ArgumentParser:
     tag.add_argument("--clear", action="store_true", help="remove every tag first")
     common(tag, change=True)
 
+    from gateway.devices.ca_cli import add_ca_parser
+
+    add_ca_parser(sub, common)  # `devices ca …`: rotating the device CA
     devices.set_defaults(admin_handler=cmd_devices)
     return devices
 
@@ -122,6 +125,12 @@ def add_devices_parser(commands: Any) -> argparse.ArgumentParser:
 
 def cmd_devices(args: argparse.Namespace, settings: GatewaySettings) -> int:
     """`tabiji devices …` on the store the config names."""
+    if args.devices_command == "ca":
+        from gateway.devices.ca_cli import run_ca
+
+        recorder = _audit_recorder(settings) if settings.audit.enabled else None
+        keep = settings.devices.certificate_lifetime
+        return run_ca(args, settings.devices.ca_dir, keep=keep, record=recorder, actor=_operator())
     config = DevicesCliConfig(
         store_url=settings.devices.store,
         base_dir=settings.audit.key_file.parent,
