@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 from starlette.routing import BaseRoute
 
 from gateway.app_services import Service
-from gateway.audit.checkpoint import Checkpointer, load_private_key
+from gateway.audit.checkpoint import (
+    Checkpointer,
+    key_id,
+    load_private_key,
+    public_path,
+    retired_keys,
+    verification_keys,
+)
 from gateway.audit.query import StoreReader
 from gateway.audit.redact import Redactor
 from gateway.audit.store import AuditStore, open_audit_store
@@ -108,8 +115,12 @@ def audit_view_routes(
     policy = settings.audit.view_policy
     if policy is None:
         return []
-    public_key = parts.checkpointer.public_key if parts.checkpointer is not None else None
-    reader = StoreReader(parts.store, public_key, settings.audit.checkpoint_export)
+    # The published and retired keys too: checkpoints signed before a key rotation stay valid.
+    key_file = settings.audit.key_file
+    keys = verification_keys(public_path(key_file), *retired_keys(key_file))
+    if parts.checkpointer is not None:
+        keys[key_id(parts.checkpointer.public_key)] = parts.checkpointer.public_key
+    reader = StoreReader(parts.store, keys or None, settings.audit.checkpoint_export)
     guard = PolicyGuard(
         holder=holder,
         policy=policy,

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -349,3 +350,82 @@ class Checkpointer:
         if self._tasks:
             with contextlib.suppress(Exception):
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- rotation
+
+
+def retired_path(private_path: Path, retired_id: str) -> Path:
+    """Where a retired audit key's public half is kept: `<key file>.retired-<key id>.pub`
+    beside the key (flat, so a Kubernetes Secret can hold it too)."""
+    return private_path.with_name(f"{private_path.name}.retired-{retired_id}.pub")
+
+
+def retired_keys(private_path: Path) -> list[Path]:
+    """The public key files of every audit key retired from `private_path`."""
+    return sorted(private_path.parent.glob(f"{private_path.name}.retired-*.pub"))
+
+
+def _public_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Write beside, fsync, rename: a crash leaves the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def rotate_key(path: Path) -> tuple[str, Ed25519PublicKey]:
+    """Retire the audit key at `path` and put a new one in its place; returns (the old key's
+    id, the new public key).
+
+    The old public key is kept as `<path>.retired-<key id>.pub`, so every checkpoint it signed
+    stays verifiable; its private half is overwritten, so nothing can sign as it again.
+    Running gateways keep signing with the key they loaded until they restart.
+    """
+    old = load_private_key(path).public_key()
+    old_id = key_id(old)
+    # The retired public key first: were we to stop after this, nothing is lost.
+    _replace_file(retired_path(path, old_id), _public_pem(old), 0o644)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _replace_file(path, pem, 0o600)
+    _replace_file(public_path(path), _public_pem(key.public_key()), 0o644)
+    return old_id, key.public_key()
+
+
+def verification_keys(*sources: Path | None) -> dict[str, Ed25519PublicKey]:
+    """Every audit public key found at `sources`, by key id: a file is a public key or a private
+    key (its public half); a directory contributes each `*.pub` in it. Missing paths are
+    skipped, so the current, the published and the retired keys can all be named."""
+    keys: dict[str, Ed25519PublicKey] = {}
+    for source in sources:
+        if source is None or not source.exists():
+            continue
+        files = sorted(source.glob("*.pub")) if source.is_dir() else [source]
+        for file in files:
+            key = load_public_key(file)
+            keys[key_id(key)] = key
+    return keys
+
+
+def signature_ok_any(
+    checkpoint: Checkpoint, keys: Ed25519PublicKey | Mapping[str, Ed25519PublicKey]
+) -> bool:
+    """Check a checkpoint with one key, or with the key of a key ring its `key_id` names (a key
+    ring holds the current key and the retired ones: a rotation keeps old checkpoints valid)."""
+    if isinstance(keys, Mapping):
+        key = keys.get(checkpoint.key_id)
+        return key is not None and checkpoint.signature_ok(key)
+    return checkpoint.signature_ok(keys)

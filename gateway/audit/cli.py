@@ -11,6 +11,7 @@ import asyncio
 import csv
 import getpass
 import io
+import os
 import re
 import sys
 import time
@@ -28,9 +29,13 @@ from gateway.audit.checkpoint import (
     Checkpointer,
     append_export,
     generate_key,
+    key_id,
     load_private_key,
     load_public_key,
     public_path,
+    retired_keys,
+    rotate_key,
+    verification_keys,
 )
 from gateway.audit.query import AuditFilter, VerifyReport
 from gateway.audit.record import EVENT_FIELDS, AuditEvent, AuditRecord
@@ -142,7 +147,13 @@ def add_audit_parser(
         "Exit 0 when everything holds, 1 naming the first bad record.",
     )
     v.add_argument("--json", action="store_true")
-    v.add_argument("--public-key", type=Path, help="verify with this public key file")
+    v.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        help="verify with this public key file, or every *.pub in this directory; repeat it "
+        "for the keys before a rotation (default: the configured key and its retired keys)",
+    )
     v.add_argument("--export", type=Path, help="the checkpoint export to check against")
 
     s = sub.add_parser("stats", help="counts over time and the most refused")
@@ -152,6 +163,12 @@ def add_audit_parser(
 
     k = sub.add_parser("keygen", help="create the audit signing key (0600) and its .pub")
     k.add_argument("--key-file", type=Path, help="where (default: the configured key file)")
+    k.add_argument(
+        "--rotate",
+        action="store_true",
+        help="replace the existing key with a new one; the old public key is kept as "
+        "<key file>.retired-<key id>.pub so old checkpoints still verify",
+    )
 
     r = sub.add_parser(
         "retention",
@@ -257,6 +274,8 @@ def report_text(report: VerifyReport) -> str:
 def run_audit(args: argparse.Namespace, config: AuditCliConfig) -> int:
     """Run one `tabiji audit …` subcommand; returns the exit code."""
     if args.audit_command == "keygen":
+        if getattr(args, "rotate", False):
+            return _rotate(args.key_file or config.key_file)
         return _keygen(args.key_file or config.key_file)
     try:
         return asyncio.run(_run(args, config))
@@ -272,6 +291,32 @@ def _keygen(path: Path) -> int:
     generate_key(path)
     print(f"audit key written to {path} (0600); give {public_path(path)} to the auditors")
     return EXIT_OK
+
+
+def _rotate(path: Path) -> int:
+    if not path.exists():
+        print(f"{path} does not exist; create it with `tabiji audit keygen`", file=sys.stderr)
+        return EXIT_FAILED
+    old_id, new = rotate_key(path)
+    print(
+        f"audit key {old_id} retired (public key kept beside it as "
+        f"{path.name}.retired-{old_id}.pub); new key "
+        f"{key_id(new)} written to {path}. Give {public_path(path)} to the auditors and "
+        "restart the gateways one by one: each signs with the new key from its restart"
+    )
+    return EXIT_OK
+
+
+def verification_keys_for(
+    config: AuditCliConfig, overrides: Sequence[Path] | None = None
+) -> dict[str, Any]:
+    """The key ring verify checks checkpoints with: the given files/directories only (an
+    auditor's own copies), else the configured public key, the key file and its retired keys."""
+    if overrides:
+        return verification_keys(*overrides)
+    key = config.key_file
+    readable = key if os.access(key, os.R_OK) else None  # an auditor may not read the signing key
+    return verification_keys(config.public_key_file, public_path(key), readable, *retired_keys(key))
 
 
 def public_key_for(config: AuditCliConfig, override: Path | None = None) -> Any:
@@ -338,7 +383,7 @@ async def _run(args: argparse.Namespace, config: AuditCliConfig) -> int:
 
 async def _cmd_verify(store: AuditStore, args: argparse.Namespace, config: AuditCliConfig) -> int:
     export = args.export or config.checkpoint_export
-    report = await verify(store, public_key_for(config, args.public_key), export)
+    report = await verify(store, verification_keys_for(config, args.public_key), export)
     if args.json:
         print(orjson.dumps(asdict(report)).decode())
     else:

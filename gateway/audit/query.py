@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Protocol
 from gateway.audit.record import AuditRecord
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from gateway.audit.store import AuditStore
@@ -95,7 +97,7 @@ class StoreReader:
     def __init__(
         self,
         store: AuditStore,
-        public_key: Ed25519PublicKey | None,
+        public_key: Ed25519PublicKey | Mapping[str, Ed25519PublicKey] | None,
         export_path: Path | None = None,
         *,
         verify_ttl: float = 60.0,

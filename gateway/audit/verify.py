@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from gateway.audit.checkpoint import Checkpoint, read_export
+from gateway.audit.checkpoint import Checkpoint, read_export, signature_ok_any
 from gateway.audit.query import BadRecord, VerifyReport
 from gateway.audit.record import genesis_hash
 
@@ -51,10 +52,11 @@ def _now_us() -> int:
 
 async def verify(  # noqa: PLR0911, PLR0912  # one walk, one early return per kind of damage, in order
     store: AuditStore,
-    public_key: Ed25519PublicKey | None,
+    public_key: Ed25519PublicKey | Mapping[str, Ed25519PublicKey] | None,
     export_path: Path | None = None,
 ) -> VerifyReport:
-    """Check every chain and checkpoint (DB and export); stop at the first problem."""
+    """Check every chain and checkpoint (DB and export); stop at the first problem.
+    `public_key`: one key, or a key ring by key id (current and retired keys, after rotation)."""
     records = checked_cps = 0
     stored = await store.checkpoints()
     exported = read_export(export_path) if export_path is not None else []
@@ -71,7 +73,8 @@ async def verify(  # noqa: PLR0911, PLR0912  # one walk, one early return per ki
             checked_at_us=_now_us(),
         )
 
-    if public_key is None and (stored or exported):
+    no_key = public_key is None or (isinstance(public_key, Mapping) and not public_key)
+    if no_key and (stored or exported):
         return report(BadRecord("", 0, "no-key", PROBLEMS["no-key"]), 0)
 
     # 1. Every checkpoint's signature, from both sources.
@@ -81,7 +84,7 @@ async def verify(  # noqa: PLR0911, PLR0912  # one walk, one early return per ki
             if cp is None:
                 return report(BadRecord("", 0, "unreadable-export", f"{export_path} entry {n}"), 0)
             assert public_key is not None  # checked above: checkpoints need a key
-            if not cp.signature_ok(public_key):
+            if not signature_ok_any(cp, public_key):
                 return report(
                     BadRecord(
                         cp.chain_id,
