@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
+from gateway.audit.batch import SealedBatch
 from gateway.audit.chain import Chain, new_chain_id
 from gateway.audit.checkpoint import Checkpointer
-from gateway.audit.record import AuditEvent, AuditRecord
+from gateway.audit.record import AuditEvent, AuditRecord, canonical
 from gateway.audit.redact import Redactor
+from gateway.audit.request_facts import RequestEncoder
 from gateway.audit.spool import Spool, orphans, spool_path
 from gateway.audit.store import AuditStore
 
@@ -26,6 +29,11 @@ log = logging.getLogger("tabiji.audit")
 Mode = Literal["batched", "durable"]
 MAX_BACKLOG: Final = 1_000_000  # sealed records kept in memory while store AND spool fail
 MAX_PENDING: Final = 200_000  # unsealed events: beyond this the writer cannot keep up
+# Deferred indexing (SQLite) runs while this process used less than this share of one CPU for
+# requests in the last flush interval (its own indexing not counted), a step at a time, and
+# never while events are waiting to be sealed. Spare CPU, not saved CPU: README "Performance".
+IDLE_CPU_SHARE: Final = 0.5
+IDLE_STEP: Final = 1000  # records per idle indexing step (≈ 20 ms of the store's thread)
 
 
 class AuditWriter:
@@ -56,10 +64,14 @@ class AuditWriter:
         self._redactor = redactor or Redactor()
         self._spool_dir = spool_dir
         self._spool: Spool | None = None
-        self._pending: list[AuditEvent] = []
+        # AuditEvents, or the pipeline's finished outcomes (encoded at flush time, no event
+        # built per request: gateway.audit.request_facts).
+        self._pending: list[Any] = []
         self._waiters: list[asyncio.Future[bool]] = []
-        self._backlog: list[AuditRecord] = []  # sealed, persisted nowhere yet
-        self._presealed: list[AuditRecord] = []  # sealed during a commit; next in line
+        self._backlog: list[SealedBatch] = []  # sealed, persisted nowhere yet
+        self._presealed: list[SealedBatch] = []  # sealed during a commit; next in line
+        self._encoder = RequestEncoder(self._chain.chain_id, self._redactor)
+        self._head_raw = bytes.fromhex(self._chain.head)
         self._preseal_waiters: list[asyncio.Future[bool]] = []
         self._committed: tuple[int, str] | None = None  # last (seq, hash) in the store
         self._store_ok = True
@@ -87,6 +99,13 @@ class AuditWriter:
     def store_ok(self) -> bool:
         """False while the store is unreachable (records are being spooled)."""
         return self._store_ok
+
+    def submit_outcome(self, outcome: object) -> None:
+        """Queue a finished request's outcome (batched mode): it is encoded at flush time, so
+        it must not change after this call (the pipeline's Outcome is finished by then)."""
+        self._pending.append(outcome)
+        if len(self._pending) >= self.max_batch:
+            self._wake.set()
 
     def submit(self, event: AuditEvent) -> None:
         """Queue an event; hashing and I/O happen in the flush task. Never raises for I/O.
@@ -158,47 +177,93 @@ class AuditWriter:
         self._closed = True
 
     async def _run(self) -> None:
+        clock = _CpuClock(self.store)
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.flush_interval)
             self._wake.clear()
             try:
                 await self.flush()
+                await self._index_idle(clock)
             except Exception:  # the loop must survive anything; flush errors never reach requests
                 log.exception("audit flush failed")
+
+    async def _index_idle(self, clock: _CpuClock) -> None:
+        """Deferred indexing with spare CPU: a step at a time while requests used little CPU
+        in the last interval and nothing waits to be sealed."""
+        index = getattr(self.store, "index_pending", None)
+        while (
+            index is not None
+            and getattr(self.store, "backlog", 0) > 0
+            and not self._pending
+            and not self._stopping
+            and clock.request_share() < IDLE_CPU_SHARE
+        ):
+            clock.reset()
+            if not await index(IDLE_STEP):
+                break
+        clock.reset()
 
     # ---------------------------------------------------------------- flushing
 
     async def _flush_locked(self) -> None:
         events, waiters = self._pending, self._waiters
         self._pending, self._waiters = [], []
-        # Chain order: records that failed before, then those sealed during the last commit,
+        # Chain order: batches that failed before, then those sealed during the last commit,
         # then the events that arrived since.
-        records = self._backlog + self._presealed
+        batches = self._backlog + self._presealed
         waiters = self._preseal_waiters + waiters
         self._backlog, self._presealed, self._preseal_waiters = [], [], []
         ok = False
         try:
-            seal, redact = self._chain.seal, self._redactor.apply
-            records.extend(seal(redact(e)) for e in events)
+            if events:
+                batches.append(self._seal(events))
             try:
-                ok = await self._persist_overlapped(records)
+                ok = await self._persist_overlapped(batches)
             except Exception:  # a bug, not an outage: keep the records and retry next flush
                 log.exception("audit persist failed")
             if not ok:
-                self._keep_backlog(records)
+                self._keep_backlog(batches)
         finally:
-            self._persist_ok = ok or not records
+            self._persist_ok = ok or not batches
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(ok)
         await self._maybe_checkpoint()
 
-    async def _persist_overlapped(self, records: list[AuditRecord]) -> bool:
+    def _seal(self, items: list[Any]) -> SealedBatch:
+        """Chain the items: each one's canonical bytes and sha256(prev || bytes)."""
+        chain = self._chain
+        cid, first, prev_hex = chain.chain_id, chain.seq + 1, chain.head
+        encode, redact, sha = self._encoder.encode, self._redactor.apply, hashlib.sha256
+        head, seq = self._head_raw, chain.seq
+        canon: list[bytes] = []
+        digests: list[bytes] = []
+        for item in items:
+            seq += 1
+            if type(item) is AuditEvent:
+                data = canonical(cid, seq, redact(item))
+            else:
+                try:
+                    data = encode(seq, item)
+                except Exception:  # a bug in the fast encoder must not lose the record
+                    log.exception("audit: request encoding failed; using the reference")
+                    from gateway.audit.trail import request_event
+
+                    data = canonical(cid, seq, redact(request_event(item)))
+            h = sha(head)
+            h.update(data)
+            head = h.digest()
+            canon.append(data)
+            digests.append(head)
+        chain.seq, chain.head, self._head_raw = seq, head.hex(), head
+        return SealedBatch(cid, first, prev_hex, canon, digests)
+
+    async def _persist_overlapped(self, batches: list[SealedBatch]) -> bool:
         """Persist, and while the store works (SQLite and psycopg release the GIL), seal the
-        events that keep arriving, so hashing and committing overlap. The presealed records
-        follow `records` in the chain and go out with the next flush."""
-        task = asyncio.ensure_future(self._persist(records))
+        events that keep arriving, so hashing and committing overlap. The presealed batches
+        follow `batches` in the chain and go out with the next flush."""
+        task = asyncio.ensure_future(self._persist(batches))
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.005)
             if done:
@@ -206,42 +271,57 @@ class AuditWriter:
             if self._pending:
                 events, waiters = self._pending, self._waiters
                 self._pending, self._waiters = [], []
-                seal, redact = self._chain.seal, self._redactor.apply
-                self._presealed.extend(seal(redact(e)) for e in events)
+                self._presealed.append(self._seal(events))
                 self._preseal_waiters.extend(waiters)
 
-    def _keep_backlog(self, records: list[AuditRecord]) -> None:
-        if len(records) > MAX_BACKLOG:
-            lost = len(records) - MAX_BACKLOG
+    def _keep_backlog(self, batches: list[SealedBatch]) -> None:
+        total = sum(len(b) for b in batches)
+        while total > MAX_BACKLOG and batches:
+            lost = min(len(batches[0]), total - MAX_BACKLOG)
             self.dropped += lost
             log.error("audit: store and spool failing; %d records lost (chain gap)", lost)
-            records = records[lost:]
-        self._backlog = records
+            b = batches[0]
+            if lost == len(b):
+                batches = batches[1:]
+            else:
+                batches = [
+                    SealedBatch(
+                        b.chain_id,
+                        b.first_seq + lost,
+                        b.digests[lost - 1].hex(),
+                        b.canon[lost:],
+                        b.digests[lost:],
+                    ),
+                    *batches[1:],
+                ]
+            total -= lost
+        self._backlog = batches
 
-    async def _persist(self, records: list[AuditRecord]) -> bool:
+    async def _persist(self, batches: list[SealedBatch]) -> bool:
         """Store, else spool; always in chain order (older spooled records first)."""
         spool = self._spool
         if spool is not None and not spool.empty and not await self._drain(spool):
-            return await self._spool_append(records)
-        if not records:
+            return await self._spool_append(batches)
+        if not batches:
             return True
         try:
-            await self.store.append_batch(records)
+            await self.store.append_log(batches)
         except Exception as exc:  # any store failure means: spool and retry
             if self._store_ok:
                 log.error("audit store unavailable, spooling: %s", exc)
             self._store_ok = False
-            return await self._spool_append(records)
+            return await self._spool_append(batches)
         self._store_ok = True
-        self._committed = (records[-1].seq, records[-1].hash)
-        self.committed_records += len(records)
+        self._committed = (batches[-1].last_seq, batches[-1].head)
+        self.committed_records += sum(len(b) for b in batches)
         return True
 
-    async def _spool_append(self, records: list[AuditRecord]) -> bool:
+    async def _spool_append(self, batches: list[SealedBatch]) -> bool:
         if self._spool is None:
             return False
-        if not records:
+        if not batches:
             return True
+        records: list[AuditRecord] = [r for b in batches for r in b.records()]
         try:
             await asyncio.to_thread(self._spool.append, records)
         except OSError as exc:
@@ -302,3 +382,26 @@ class AuditWriter:
 def now_us() -> int:
     """UTC microseconds since the epoch (for building AuditEvents)."""
     return time.time_ns() // 1000
+
+
+class _CpuClock:
+    """This process's CPU spent on requests (not on the store's indexing) per wall second."""
+
+    def __init__(self, store: object) -> None:
+        self._store = store
+        self.reset()
+
+    def _index_cpu(self) -> float:
+        return float(getattr(self._store, "index_cpu_s", 0.0))
+
+    def reset(self) -> None:
+        self._wall = time.monotonic()
+        self._cpu = time.process_time()
+        self._idx = self._index_cpu()
+
+    def request_share(self) -> float:
+        wall = time.monotonic() - self._wall
+        if wall <= 0:
+            return 1.0
+        cpu = time.process_time() - self._cpu - (self._index_cpu() - self._idx)
+        return cpu / wall
