@@ -346,9 +346,7 @@ class SqliteAuditStore:
 
     async def unindexed(self) -> int:
         """How many logged records are not indexed yet (all processes')."""
-        self.backlog = int(
-            await self._run(False, lambda c: c.execute(_BACKLOG_SQL).fetchone()[0])
-        )
+        self.backlog = int(await self._run(False, lambda c: c.execute(_BACKLOG_SQL).fetchone()[0]))
         return self.backlog
 
     async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
@@ -409,6 +407,7 @@ class SqliteAuditStore:
 
     async def chains(self) -> list[str]:
         await self._index_first()
+
         def q(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute(
                 "SELECT chain_id FROM audit_records UNION SELECT chain_id FROM audit_log ORDER BY 1"
@@ -441,9 +440,9 @@ class SqliteAuditStore:
         mark = int(
             await self._run(
                 False,
-                lambda c: c.execute(
-                    "SELECT log_id FROM audit_log_indexed WHERE id = 1"
-                ).fetchone()[0],
+                lambda c: c.execute("SELECT log_id FROM audit_log_indexed WHERE id = 1").fetchone()[
+                    0
+                ],
             )
         )
         after = (-1, -1)
@@ -469,6 +468,7 @@ class SqliteAuditStore:
 
     async def head(self, chain_id: str) -> tuple[int, str] | None:
         await self._index_first()
+
         def q(conn: sqlite3.Connection) -> tuple[int, str] | None:
             row = conn.execute(
                 "SELECT seq, hash FROM audit_records WHERE chain_id = ? ORDER BY seq DESC LIMIT 1",
@@ -501,6 +501,7 @@ class SqliteAuditStore:
 
     async def get(self, chain_id: str, seq: int) -> AuditRecord | None:
         await self._index_first()
+
         def q(conn: sqlite3.Connection) -> AuditRecord | None:
             row = conn.execute(
                 f"{_SELECT} WHERE chain_id = ? AND seq = ?", (chain_id, seq)
