@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -51,6 +52,7 @@ class AuditWriter:
         fail_closed: bool = False,
         checkpointer: Checkpointer | None = None,
         redactor: Redactor | None = None,
+        on_backlog: Callable[[int], None] | None = None,
     ) -> None:
         if mode not in ("batched", "durable"):
             raise ValueError("audit mode must be 'batched' or 'durable'")
@@ -62,6 +64,7 @@ class AuditWriter:
         self._chain = Chain(chain_id or new_chain_id())
         self._checkpointer = checkpointer
         self._redactor = redactor or Redactor()
+        self._on_backlog = on_backlog  # told the unindexed backlog after each write or step
         self._spool_dir = spool_dir
         self._spool: Spool | None = None
         # AuditEvents, or the pipeline's finished outcomes (encoded at flush time, no event
@@ -94,6 +97,15 @@ class AuditWriter:
     def healthy(self) -> bool:
         """False while records cannot be written durably (neither store nor spool takes them)."""
         return self._persist_ok and not self._closed and len(self._pending) < MAX_PENDING
+
+    @property
+    def unindexed(self) -> int:
+        """Records committed to the store's log but not indexed yet (SQLite; else 0)."""
+        return int(getattr(self.store, "backlog", 0))
+
+    def _report_backlog(self) -> None:
+        if self._on_backlog is not None:
+            self._on_backlog(self.unindexed)
 
     @property
     def store_ok(self) -> bool:
@@ -185,6 +197,7 @@ class AuditWriter:
             try:
                 await self.flush()
                 await self._index_idle(clock)
+                self._report_backlog()
             except Exception:  # the loop must survive anything; flush errors never reach requests
                 log.exception("audit flush failed")
 
