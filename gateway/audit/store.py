@@ -43,7 +43,7 @@ class AuditStore(Protocol):
         (chain_id, seq) already present: draining a spool that was partly committed."""
 
     async def append_log(
-        self, batches: Sequence[SealedBatch], *, ignore_existing: bool = False
+        self, batches: Sequence[SealedBatch], *, ignore_existing: bool = False, check: bool = True
     ) -> int:
         """The writer's path: sealed batches in one transaction; returns the records not yet
         indexed (SQLite defers indexing; PostgreSQL writes indexed rows and returns 0)."""

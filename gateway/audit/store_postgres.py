@@ -170,7 +170,7 @@ class PostgresAuditStore:
             raise AuditStoreUnavailable(f"audit store: {type(exc).__name__}") from exc
 
     async def append_log(
-        self, batches: Sequence[SealedBatch], *, ignore_existing: bool = False
+        self, batches: Sequence[SealedBatch], *, ignore_existing: bool = False, check: bool = True
     ) -> int:
         """The writer's batches as full indexed rows (PostgreSQL has no deferred log: several
         replicas write here, and each row is decoded from the same canonical bytes)."""
