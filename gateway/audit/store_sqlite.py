@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from gateway.audit.batch import HASH_BYTES, SEP, SealedBatch, batches_of
+from gateway.audit.batch import HASH_BYTES, SealedBatch, batches_of
 from gateway.audit.checkpoint import Checkpoint
 from gateway.audit.query import AuditFilter, AuditStats
 from gateway.audit.record import AuditRecord
@@ -281,10 +281,10 @@ class SqliteAuditStore:
                             b.chain_id,
                             b.first_seq,
                             b.last_seq,
-                            len(b),
+                            b.count,
                             b.prev_hash,
-                            b"".join(b.digests),
-                            SEP.join(b.canon),
+                            b.hashes,
+                            b.body,
                         ),
                     )
                 backlog = int(conn.execute(_APPENDED_SQL, (added,)).fetchone()[0])
@@ -628,28 +628,19 @@ def _after_stored(
             f"UNIQUE constraint failed: audit record {batch.chain_id} {batch.first_seq}"
             " is already stored"
         )
-    skip = int(top) - batch.first_seq + 1
-    if skip >= len(batch):
-        return None
-    return SealedBatch(
-        batch.chain_id,
-        batch.first_seq + skip,
-        batch.digests[skip - 1].hex(),
-        batch.canon[skip:],
-        batch.digests[skip:],
-    )
+    return batch.tail(int(top) - batch.first_seq + 1)
 
 
 def log_batch(row: Sequence[Any]) -> SealedBatch:
     """A log row (chain_id, first_seq, prev_hash, hashes, body) as its batch; ValueError when
     the row is malformed (its hashes and records do not pair up)."""
     chain_id, first_seq, prev_hash, hashes, body = row
-    canon = bytes(body).split(SEP)
     raw = bytes(hashes)
-    if len(raw) != HASH_BYTES * len(canon):
+    if len(raw) % HASH_BYTES:
         raise ValueError("audit log row: hashes and records do not pair up")
-    digests = [raw[i : i + HASH_BYTES] for i in range(0, len(raw), HASH_BYTES)]
-    return SealedBatch(str(chain_id), int(first_seq), str(prev_hash), canon, digests)
+    return SealedBatch(
+        str(chain_id), int(first_seq), str(prev_hash), bytes(body), raw, len(raw) // HASH_BYTES
+    )
 
 
 def _index(conn: sqlite3.Connection, want: int) -> int:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from gateway.audit.batch import SealedBatch
+from gateway.audit.batch import SEP, SealedBatch
 from gateway.audit.chain import Chain, new_chain_id
 from gateway.audit.checkpoint import Checkpointer
 from gateway.audit.record import AuditEvent, AuditRecord, canonical
@@ -245,13 +245,14 @@ class AuditWriter:
         await self._maybe_checkpoint()
 
     def _seal(self, items: list[Any]) -> SealedBatch:
-        """Chain the items: each one's canonical bytes and sha256(prev || bytes)."""
+        """Chain the items: each one's canonical bytes and sha256(prev || bytes), written into
+        one buffer each (no object kept per record)."""
         chain = self._chain
         cid, first, prev_hex = chain.chain_id, chain.seq + 1, chain.head
         encode, redact, sha = self._encoder.encode, self._redactor.apply, hashlib.sha256
         head, seq = self._head_raw, chain.seq
-        canon: list[bytes] = []
-        digests: list[bytes] = []
+        body = bytearray()
+        hashes = bytearray()
         for item in items:
             seq += 1
             if type(item) is AuditEvent:
@@ -267,10 +268,12 @@ class AuditWriter:
             h = sha(head)
             h.update(data)
             head = h.digest()
-            canon.append(data)
-            digests.append(head)
+            if body:
+                body += SEP
+            body += data
+            hashes += head
         chain.seq, chain.head, self._head_raw = seq, head.hex(), head
-        return SealedBatch(cid, first, prev_hex, canon, digests)
+        return SealedBatch(cid, first, prev_hex, bytes(body), bytes(hashes), len(items))
 
     async def _persist_overlapped(self, batches: list[SealedBatch]) -> bool:
         """Persist, and while the store works (SQLite and psycopg release the GIL), seal the
@@ -293,20 +296,8 @@ class AuditWriter:
             lost = min(len(batches[0]), total - MAX_BACKLOG)
             self.dropped += lost
             log.error("audit: store and spool failing; %d records lost (chain gap)", lost)
-            b = batches[0]
-            if lost == len(b):
-                batches = batches[1:]
-            else:
-                batches = [
-                    SealedBatch(
-                        b.chain_id,
-                        b.first_seq + lost,
-                        b.digests[lost - 1].hex(),
-                        b.canon[lost:],
-                        b.digests[lost:],
-                    ),
-                    *batches[1:],
-                ]
+            rest = batches[0].tail(lost)
+            batches = batches[1:] if rest is None else [rest, *batches[1:]]
             total -= lost
         self._backlog = batches
 
