@@ -69,8 +69,10 @@ class RequestEncoder:
         self.chain_id = chain_id
         self._r = redactor
         self._plain_ip = redactor.client_ip == "keep"
-        self._idents: dict[int, tuple[object, tuple[Any, ...]]] = {}
-        self._devices: dict[int, tuple[object, tuple[Any, ...]]] = {}
+        # Keyed by the facts themselves, not the objects: the identity stage makes a new
+        # Identity per request (from its cached session), with the same strings inside.
+        self._idents: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._devices: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._paths: dict[str, str] = {}
         self._details: dict[tuple[str | None, str | None], dict[str, Any]] = {}
 
@@ -78,9 +80,16 @@ class RequestEncoder:
 
     def _identity(self, identity: Any) -> tuple[Any, ...]:
         """(issuer, subject, email, groups, session hash) as stored: escaped, then redacted."""
-        hit = self._idents.get(id(identity))
-        if hit is not None and hit[0] is identity:
-            return hit[1]
+        key = (
+            identity.issuer,
+            identity.subject,
+            identity.email,
+            identity.groups,
+            identity.session_hash,
+        )
+        hit = self._idents.get(key)
+        if hit is not None:
+            return hit
         r = self._r
         subject = escape_controls(identity.subject)
         email = _esc(identity.email)
@@ -100,8 +109,7 @@ class RequestEncoder:
         )
         if len(self._idents) >= CACHE_SIZE:
             self._idents.clear()
-        # The object is kept beside its facts: an id() is only unique while the object lives.
-        self._idents[id(identity)] = (identity, facts)
+        self._idents[key] = facts
         return facts
 
     def _device_id(self, value: str | None) -> str | None:
@@ -113,14 +121,15 @@ class RequestEncoder:
 
     def _device(self, device: Any) -> tuple[Any, ...]:
         """(device id, posture summary, posture_at) as stored."""
-        hit = self._devices.get(id(device))
-        if hit is not None and hit[0] is device:
-            return hit[1]
+        key = (device.id, device.posture_summary, device.posture_at)
+        hit = self._devices.get(key)
+        if hit is not None:
+            return hit
         posture = None if self._r.posture == "drop" else _esc(device.posture_summary)
         facts = (self._device_id(device.id), posture, device.posture_at)
         if len(self._devices) >= CACHE_SIZE:
             self._devices.clear()
-        self._devices[id(device)] = (device, facts)
+        self._devices[key] = facts
         return facts
 
     def _path(self, path: str) -> str:

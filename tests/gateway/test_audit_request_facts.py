@@ -209,8 +209,8 @@ def test_audit_device_via_names_how_the_device_was_proved() -> None:
 
 
 def test_audit_encoder_caches_never_serve_another_objects_facts() -> None:
-    """A new identity or device object (even one reusing a freed object's id) gets its own facts,
-    and a full cache is emptied rather than grown."""
+    """Each user's facts are their own (the caches are keyed by the facts, not by objects whose
+    ids can be reused), and a full cache is emptied rather than grown."""
     enc = RequestEncoder(CHAIN, Redactor())
     route = make_route()
     seen = set()
