@@ -220,6 +220,11 @@ class AuditWriter:
     # ---------------------------------------------------------------- flushing
 
     async def _flush_locked(self) -> None:
+        if not (self._pending or self._waiters or self._backlog or self._presealed) and (
+            self._spool is None or self._spool.empty
+        ):
+            await self._maybe_checkpoint()  # nothing to write: the idle tick stays cheap
+            return
         events, waiters = self._pending, self._waiters
         self._pending, self._waiters = [], []
         # Chain order: batches that failed before, then those sealed during the last commit,
