@@ -9,7 +9,6 @@ the store, or fsynced to the spool while the store is down; concurrent requests 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -190,10 +189,15 @@ class AuditWriter:
 
     async def _run(self) -> None:
         clock = _CpuClock(self.store)
+        loop = asyncio.get_running_loop()
+        wake = self._wake
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
-            self._wake.clear()
+            # A timer that sets the event, not wait_for(): that made a task and a cancellation
+            # (an exception) on every idle tick, ten times a second.
+            timer = loop.call_later(self.flush_interval, wake.set)
+            await wake.wait()
+            timer.cancel()
+            wake.clear()
             try:
                 await self.flush()
                 await self._index_idle(clock)
