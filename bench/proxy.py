@@ -411,13 +411,16 @@ def _unindexed(text: str | None) -> float | None:
     return None
 
 
-def _wait_indexed(t: Target, timeout: float = 300.0) -> tuple[float, float] | None:
+def _wait_indexed(
+    t: Target, since: tuple[float, float] | None = None, timeout: float = 300.0
+) -> tuple[float, float] | None:
     """Wait until the gateway's audit backlog is indexed (deferred work is not saved work: a
     measured run must not leave it to the next). Returns (CPU seconds, wall seconds) the
-    gateway spent meanwhile, or None without an audit backlog gauge."""
+    gateway spent since `since` (its CPU seconds and monotonic time at the run's end; else
+    now), or None without an audit backlog gauge."""
     if t.metrics_url is None or _unindexed(_scrape(t.metrics_url)) is None:
         return None
-    cpu0, wall0 = cpu_seconds(t.cpu_root), time.monotonic()
+    cpu0, wall0 = since if since is not None else (cpu_seconds(t.cpu_root), time.monotonic())
     zeros = 0
     while time.monotonic() - wall0 < timeout:
         # The gauge is exported once a second: two zeros in a row mean every worker saw none.
@@ -474,6 +477,8 @@ def _measure(
                     cpu_root=t.cpu_root,
                     other_roots=[upstream_pid] if t.cpu_root != upstream_pid else [],
                 )
+                # The gateway starts indexing the run's records as soon as it is idle: from here.
+                ended = (cpu_seconds(t.cpu_root), time.monotonic())
                 after = _scrape_settled(t.metrics_url)
                 run = Run(result)
                 if before is not None and after is not None:
@@ -484,9 +489,9 @@ def _measure(
                         calls_a = parse_by_label(after, STAGE_CALLS, "stage")
                         calls_b = parse_by_label(before, STAGE_CALLS, "stage")
                         run.stage_calls = _delta(calls_a, calls_b)
-                drained = _wait_indexed(t)
+                drained = _wait_indexed(t, ended)
                 if drained is not None and result.requests:
-                    # Includes the idle gateway's own CPU over the same wait: an upper bound.
+                    # Includes the idle gateway's own CPU over the same time: an upper bound.
                     run.index_cpu_us = drained[0] / result.requests * 1e6
                     run.index_seconds = drained[1]
                 report.runs[case_name][t.name].append(run)
