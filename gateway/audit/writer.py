@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +30,11 @@ log = logging.getLogger("tabiji.audit")
 Mode = Literal["batched", "durable"]
 MAX_BACKLOG: Final = 1_000_000  # sealed records kept in memory while store AND spool fail
 MAX_PENDING: Final = 200_000  # unsealed events: beyond this the writer cannot keep up
-# Deferred indexing (SQLite) runs while this process used less than this share of one CPU for
-# requests in the last flush interval (its own indexing not counted), a step at a time, and
-# never while events are waiting to be sealed. Spare CPU, not saved CPU: README "Performance".
-IDLE_CPU_SHARE: Final = 0.5
+# Deferred indexing (SQLite) runs while the machine had at least this many CPUs idle in the
+# last interval (its own indexing counted as idle: it would be), a step at a time, and never
+# while events wait to be sealed. Spare CPU, not saved CPU: README "Performance". Where
+# /proc/stat is not readable: while requests used less than 1 - this of this process's CPU.
+IDLE_SPARE_CPUS: Final = 0.3
 IDLE_STEP: Final = 1000  # records per idle indexing step (≈ 20 ms of the store's thread)
 
 
@@ -214,7 +216,7 @@ class AuditWriter:
             and getattr(self.store, "backlog", 0) > 0
             and not self._pending
             and not self._stopping
-            and clock.request_share() < IDLE_CPU_SHARE
+            and clock.spare_cpus() >= IDLE_SPARE_CPUS
         ):
             clock.reset()
             if not await index(IDLE_STEP):
@@ -399,23 +401,38 @@ def now_us() -> int:
 
 
 class _CpuClock:
-    """This process's CPU spent on requests (not on the store's indexing) per wall second."""
+    """Spare CPU since the last reset: the machine's idle CPUs (Linux /proc/stat) plus what
+    this process spent indexing (it would have been idle), per wall second."""
 
     def __init__(self, store: object) -> None:
         self._store = store
+        self._tick = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
         self.reset()
 
     def _index_cpu(self) -> float:
         return float(getattr(self._store, "index_cpu_s", 0.0))
 
+    def _machine_idle(self) -> float | None:
+        try:
+            with open("/proc/stat", "rb") as f:
+                fields = f.readline().split()
+        except OSError:
+            return None
+        return (int(fields[4]) + int(fields[5])) * self._tick  # idle + iowait, seconds
+
     def reset(self) -> None:
         self._wall = time.monotonic()
         self._cpu = time.process_time()
         self._idx = self._index_cpu()
+        self._idle = self._machine_idle()
 
-    def request_share(self) -> float:
+    def spare_cpus(self) -> float:
         wall = time.monotonic() - self._wall
         if wall <= 0:
-            return 1.0
-        cpu = time.process_time() - self._cpu - (self._index_cpu() - self._idx)
-        return cpu / wall
+            return 0.0
+        indexing = self._index_cpu() - self._idx
+        idle = self._machine_idle()
+        if idle is None or self._idle is None:
+            requests = time.process_time() - self._cpu - indexing
+            return max(0.0, 1.0 - requests / wall)
+        return (idle - self._idle + indexing) / wall
