@@ -31,11 +31,12 @@ Mode = Literal["batched", "durable"]
 MAX_BACKLOG: Final = 1_000_000  # sealed records kept in memory while store AND spool fail
 MAX_PENDING: Final = 200_000  # unsealed events: beyond this the writer cannot keep up
 # Deferred indexing (SQLite) runs while the machine had at least this many CPUs idle in the
-# last interval (its own indexing counted as idle: it would be), a step at a time, and never
-# while events wait to be sealed. Spare CPU, not saved CPU: README "Performance". Where
-# /proc/stat is not readable: while requests used less than 1 - this of this process's CPU.
+# last interval (its own indexing counted as idle: it would be), a step at a time, and not
+# while many events (or a durable request) wait to be sealed. Spare CPU, not saved CPU: README
+# "Performance". Without /proc/stat: while requests used less than 1 - this of our CPU.
 IDLE_SPARE_CPUS: Final = 0.3
-IDLE_STEP: Final = 1000  # records per idle indexing step (≈ 20 ms of the store's thread)
+IDLE_MAX_PENDING: Final = 2000  # past this many unsealed events, indexing waits for the flush
+IDLE_STEP: Final = 500  # records per idle indexing step (≈ 6 ms of the store's thread)
 
 
 class AuditWriter:
@@ -207,21 +208,28 @@ class AuditWriter:
             except Exception:  # the loop must survive anything; flush errors never reach requests
                 log.exception("audit flush failed")
 
+    def _behind(self) -> bool:
+        """Events pile up (or a durable request waits): sealing them comes first."""
+        return bool(self._waiters) or len(self._pending) >= IDLE_MAX_PENDING
+
     async def _index_idle(self, clock: _CpuClock) -> None:
-        """Deferred indexing with spare CPU: a step at a time while requests used little CPU
-        in the last interval and nothing waits to be sealed."""
+        """Deferred indexing with spare CPU: judged over the last tick (≥ one flush interval,
+        so the 10 ms resolution of /proc/stat matters little), then steps for as long as that
+        spare CPU would have lasted, stopping early when events arrive."""
         index = getattr(self.store, "index_pending", None)
-        while (
-            index is not None
-            and getattr(self.store, "backlog", 0) > 0
-            and not self._pending
-            and not self._stopping
-            and clock.spare_cpus() >= IDLE_SPARE_CPUS
-        ):
+        if index is None or getattr(self.store, "backlog", 0) <= 0 or self._behind():
             clock.reset()
+            return
+        spare = clock.spare_cpus()
+        if clock.elapsed() < self.flush_interval:
+            return  # too short a window to judge: keep measuring
+        clock.reset()
+        if spare < IDLE_SPARE_CPUS:
+            return
+        budget = time.monotonic() + min(spare, 1.0) * self.flush_interval
+        while not self._behind() and not self._stopping and time.monotonic() < budget:
             if not await index(IDLE_STEP):
                 break
-        clock.reset()
 
     # ---------------------------------------------------------------- flushing
 
@@ -425,6 +433,9 @@ class _CpuClock:
         self._cpu = time.process_time()
         self._idx = self._index_cpu()
         self._idle = self._machine_idle()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._wall
 
     def spare_cpus(self) -> float:
         wall = time.monotonic() - self._wall
