@@ -243,7 +243,9 @@ def _audit_ready(writer: AuditWriter) -> tuple[bool, str]:
     # Spooling is still ready (nothing is lost); only a writer that cannot persist at all is not.
     if not writer.healthy:
         return False, "audit records cannot be written (store and spool both failing)"
-    return True, "audit store answers" if writer.store_ok else "audit store down: spooling locally"
+    if not writer.store_ok:
+        return True, "audit store down: spooling locally"
+    return True, f"audit store answers; {writer.unindexed} records not indexed yet"
 
 
 async def _ping(store: StateStore, description: str) -> tuple[bool, str]:

@@ -216,6 +216,9 @@ class Metrics:
         self.requests: dict[tuple[str, int, str], int] = {}
         self.upstream: dict[str, _Histogram] = {}
         self.refusals: dict[str, int] = {}
+        # Audit records committed to the SQLite log but not yet indexed (deferred work; the
+        # audit writer sets it after each flush or indexing step).
+        self.audit_unindexed = 0
 
     def request_started(self) -> None:
         """A request entered the pipeline."""
@@ -331,6 +334,13 @@ class Exporter:
             registry=reg,
             multiprocess_mode="livesum",  # dead workers' in-flight requests are gone
         )
+        self._audit_unindexed = Gauge(
+            "tabiji_audit_unindexed_records",
+            "Audit records committed to the log but not indexed yet (deferred; flushed once a"
+            " second).",
+            registry=reg,
+            multiprocess_mode="livemax",  # one database: every worker sees the same backlog
+        )
         self._refused = Counter(
             "tabiji_refused",
             "Requests refused by the protocol before any app ran, by reason.",
@@ -372,6 +382,7 @@ class Exporter:
         with self._lock:
             src = self._source
             self._in_flight.set(src.in_flight)
+            self._audit_unindexed.set(src.audit_unindexed)
             for key, total in src.requests.copy().items():
                 delta = total - self._sent_requests.get(key, 0)
                 if delta:

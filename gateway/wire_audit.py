@@ -56,6 +56,12 @@ def redactor_from(settings: GatewaySettings) -> Redactor:
     )
 
 
+def _set_backlog_gauge(n: int) -> None:
+    from gateway.observability import metrics
+
+    metrics.audit_unindexed = n
+
+
 def build_audit(settings: GatewaySettings, *, dry_run: bool) -> AuditParts:
     """The audit writer of this worker (one chain per worker process), unstarted."""
     audit = settings.audit
@@ -77,6 +83,7 @@ def build_audit(settings: GatewaySettings, *, dry_run: bool) -> AuditParts:
         fail_closed=audit.fail_closed,
         checkpointer=checkpointer,
         redactor=redactor_from(settings),
+        on_backlog=_set_backlog_gauge,
     )
     parts = AuditParts(
         store=store, writer=writer, trail=AuditTrail(writer), checkpointer=checkpointer

@@ -10,6 +10,7 @@ from typing import Any, Final, Protocol
 
 import orjson
 
+from gateway.audit.batch import SealedBatch
 from gateway.audit.checkpoint import Checkpoint
 from gateway.audit.query import AuditFilter, AuditStats
 from gateway.audit.record import EVENT_FIELDS, AuditRecord, event_from_values
@@ -40,6 +41,12 @@ class AuditStore(Protocol):
     ) -> None:
         """Insert all records in one transaction (all or nothing). `ignore_existing` skips
         (chain_id, seq) already present: draining a spool that was partly committed."""
+
+    async def append_log(
+        self, batches: Sequence[SealedBatch], *, ignore_existing: bool = False, check: bool = True
+    ) -> int:
+        """The writer's path: sealed batches in one transaction; returns the records not yet
+        indexed (SQLite defers indexing; PostgreSQL writes indexed rows and returns 0)."""
 
     async def chains(self) -> list[str]:
         """Every chain id with records, sorted."""

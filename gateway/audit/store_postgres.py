@@ -14,6 +14,7 @@ from typing import Any, Final
 import psycopg
 import psycopg_pool
 
+from gateway.audit.batch import SealedBatch
 from gateway.audit.checkpoint import Checkpoint
 from gateway.audit.query import AuditFilter, AuditStats
 from gateway.audit.record import AuditRecord
@@ -167,6 +168,29 @@ class PostgresAuditStore:
                 await cur.executemany(sql, rows)
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             raise AuditStoreUnavailable(f"audit store: {type(exc).__name__}") from exc
+
+    async def append_log(
+        self, batches: Sequence[SealedBatch], *, ignore_existing: bool = False, check: bool = True
+    ) -> int:
+        """The writer's batches as full indexed rows (PostgreSQL has no deferred log: several
+        replicas write here, and each row is decoded from the same canonical bytes)."""
+        rows = [row for b in batches for row in b.rows()]
+        if not rows:
+            return 0
+        if self._pool is None:
+            await self.open()
+        assert self._pool is not None
+        sql = _INSERT + (" ON CONFLICT DO NOTHING" if ignore_existing else "")
+        try:
+            async with (
+                self._pool.connection() as conn,
+                conn.transaction(),
+                conn.cursor() as cur,
+            ):
+                await cur.executemany(sql, rows)
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            raise AuditStoreUnavailable(f"audit store: {type(exc).__name__}") from exc
+        return 0
 
     async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         if self._pool is None:

@@ -7,13 +7,16 @@ for a long auditor query. Must not import gateway.settings.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hashlib
+import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from gateway.audit.batch import HASH_BYTES, SealedBatch, batches_of
 from gateway.audit.checkpoint import Checkpoint
 from gateway.audit.query import AuditFilter, AuditStats
 from gateway.audit.record import AuditRecord
@@ -30,13 +33,18 @@ from gateway.audit.store import (
     checkpoint_row,
     filter_sql,
     index_ddl,
-    record_row,
     row_checkpoint,
     row_record,
 )
 
 T = TypeVar("T")
+log = logging.getLogger("tabiji.audit")
 PAGE: Final = 1000
+LOG_PAGE: Final = 16  # log rows per read while walking the log (a row holds a whole flush)
+# The bound on deferred indexing: past this many unindexed records a flush indexes inline the
+# oldest rows beyond it, so a first query never waits more than about this many records'
+# indexing (≈ 25 s at the measured ≈ 20 µs/record).
+MAX_UNINDEXED: Final = 1_000_000
 # A batch's INSERTs run on the event loop's thread, this many rows between yields; only
 # BEGIN IMMEDIATE (which may wait for another process's write lock) and COMMIT (the fsync) go to
 # the writer thread. Why: pysqlite releases and re-takes the GIL around every sqlite3_step, so an
@@ -52,6 +60,7 @@ SMALL_BATCH: Final = 4
 # often copies each of them fewer times. Measured: about a fifth less CPU per appended record
 # (bench/audit.py). Durability is unchanged: every commit is still fsynced to the WAL.
 WAL_AUTOCHECKPOINT_PAGES: Final = 10_000
+INDEX_STEP: Final = 2000  # records per indexing transaction (whole log rows): short lock holds
 
 
 def _coldef(name: str) -> str:
@@ -75,6 +84,37 @@ _CHECKPOINTS_DDL: Final = (
     " kind TEXT NOT NULL, key_id TEXT NOT NULL, signature TEXT NOT NULL, tsa_token TEXT,"
     " PRIMARY KEY (chain_id, seq, kind))"
 )
+# The append-only log: one row per flush and chain, holding the batch's records as their
+# canonical bytes (joined by SEP) and raw hashes. It is what a flush writes (one row instead of
+# one indexed row per record); audit_records is filled from it later (deferred indexing) and
+# the row id up to which that is done is kept in audit_log_indexed, in the same transaction.
+_LOG_DDL: Final = (
+    "CREATE TABLE IF NOT EXISTS audit_log (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " chain_id TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,"
+    " count INTEGER NOT NULL, prev_hash TEXT NOT NULL, hashes BLOB NOT NULL, body BLOB NOT NULL)"
+)
+_LOG_INDEX_DDL: Final = (
+    "CREATE INDEX IF NOT EXISTS audit_log_chain ON audit_log (chain_id, first_seq)"
+)
+_INDEXED_DDL: Final = (
+    "CREATE TABLE IF NOT EXISTS audit_log_indexed (id INTEGER PRIMARY KEY CHECK (id = 1),"
+    " log_id INTEGER NOT NULL, appended INTEGER NOT NULL, indexed INTEGER NOT NULL)"
+)
+_LOG_NO_DELETE: Final = (
+    "CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log"
+    " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"
+)
+_INSERT_LOG: Final = (
+    "INSERT INTO audit_log (chain_id, first_seq, last_seq, count, prev_hash, hashes, body)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# Records appended to and indexed from the log, counted in the same transactions as the rows:
+# the backlog in O(1), whichever process wrote or indexed.
+_BACKLOG_SQL: Final = "SELECT MAX(0, appended - indexed) FROM audit_log_indexed WHERE id = 1"
+_APPENDED_SQL: Final = (
+    "UPDATE audit_log_indexed SET appended = appended + ? WHERE id = 1"
+    " RETURNING MAX(0, appended - indexed)"
+)
 _NO_DELETE: Final = (
     "CREATE TRIGGER IF NOT EXISTS audit_records_no_delete BEFORE DELETE ON audit_records"
     " BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END"
@@ -87,6 +127,9 @@ _TRIGGERS: Final = (
     " BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END",
     "CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints"
     " BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log"
+    " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+    _LOG_NO_DELETE,
 )
 _SELECT: Final = "SELECT " + ", ".join(COLUMNS) + " FROM audit_records"  # noqa: S608  # constant column names
 _INSERT: Final = (
@@ -107,6 +150,11 @@ class SqliteAuditStore:
         # Serialises every use of the write connection: a batch holds it from BEGIN to COMMIT
         # while its INSERTs run on the loop thread between awaits.
         self._wlock = asyncio.Lock()
+        self.max_unindexed = MAX_UNINDEXED
+        self.backlog = 0  # unindexed records after this store's last write or index
+        self.indexed_records = 0  # records this store indexed (the bench reports their CPU)
+        self.index_cpu_s = 0.0  # thread CPU seconds those took
+        self._written = False
 
     # ---------------------------------------------------------------- plumbing
 
@@ -168,6 +216,13 @@ class SqliteAuditStore:
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute(_RECORDS_DDL)
             conn.execute(_CHECKPOINTS_DDL)
+            conn.execute(_LOG_DDL)
+            conn.execute(_LOG_INDEX_DDL)
+            conn.execute(_INDEXED_DDL)
+            conn.execute(
+                "INSERT OR IGNORE INTO audit_log_indexed (id, log_id, appended, indexed)"
+                " VALUES (1, 0, 0, 0)"
+            )
             for index in INDEXES:
                 conn.execute(index_ddl(*index))
             for ddl in _TRIGGERS:
@@ -176,6 +231,13 @@ class SqliteAuditStore:
         await self._call(True, setup)
 
     async def close(self) -> None:
+        if self._wpool is not None:
+            # Shutdown: index what is left and fold the WAL into the database file.
+            try:
+                await self.index_pending()
+                await self._run(True, lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+            except (AuditStoreUnavailable, sqlite3.Error) as exc:
+                log.warning("audit: indexing at close failed: %s", exc)
         for write, pool in ((True, self._wpool), (False, self._rpool)):
             if pool is not None:
                 await asyncio.get_running_loop().run_in_executor(pool, self._drop, write)
@@ -187,43 +249,115 @@ class SqliteAuditStore:
     async def append_batch(
         self, records: Sequence[AuditRecord], *, ignore_existing: bool = False
     ) -> None:
-        if not records:
-            return
-        rows = [record_row(r) for r in records]
-        sql = _INSERT.replace("INSERT", "INSERT OR IGNORE", 1) if ignore_existing else _INSERT
-        if len(rows) <= SMALL_BATCH:
+        """Records handed in whole (spool drains, tests): into the log like a flush's."""
+        if records:
+            await self.append_log(batches_of(records), ignore_existing=ignore_existing)
 
-            def write(conn: sqlite3.Connection) -> None:
-                _begin(conn)
-                try:
-                    conn.executemany(sql, rows)
-                except BaseException:
-                    _rollback(conn)
-                    raise
-                _commit(conn)
+    async def append_log(
+        self, batches: Sequence[SealedBatch], *, ignore_existing: bool = False, check: bool = True
+    ) -> int:
+        """One log row per batch, in one transaction (all or nothing); returns the unindexed
+        backlog after it. A record whose (chain_id, seq) is already stored raises
+        IntegrityError, or with `ignore_existing` is skipped (a partly committed spool).
+        `check=False`: the caller (the chain's own writer) vouches the batches continue its
+        chain, which saves two look-ups per flush (indexing still never duplicates a record).
+        Past MAX_UNINDEXED unindexed records, the oldest are indexed in the same commit."""
+        if not batches:
+            return self.backlog
+        limit = self.max_unindexed
 
-            await self._run(True, write)
-            return
-        async with self._wlock:
-            conn = await self._call(True, _begin)
+        def write(conn: sqlite3.Connection) -> int:
+            _begin(conn)
             try:
-                for i in range(0, len(rows), INSERT_CHUNK):
-                    if i:
-                        await asyncio.sleep(0)  # let requests run between chunks
-                    try:
-                        conn.executemany(sql, rows[i : i + INSERT_CHUNK])
-                    except sqlite3.OperationalError as exc:  # disk full, I/O error: spool
-                        raise AuditStoreUnavailable(f"audit store {self.path}: {exc}") from exc
-            except BaseException as exc:
-                # A failed rollback drops the connection itself (nothing was committed).
-                with contextlib.suppress(AuditStoreUnavailable):
-                    await asyncio.shield(self._call(True, _rollback))
-                if isinstance(exc, AuditStoreUnavailable) and self._wpool is not None:
-                    # As in _call: after an I/O error the next attempt starts afresh.
-                    pool = self._wpool
-                    await asyncio.get_running_loop().run_in_executor(pool, self._drop, True)
+                added = 0
+                for batch in batches:
+                    b = _after_stored(conn, batch, ignore_existing) if check else batch
+                    if b is None:
+                        continue
+                    added += len(b)
+                    conn.execute(
+                        _INSERT_LOG,
+                        (
+                            b.chain_id,
+                            b.first_seq,
+                            b.last_seq,
+                            b.count,
+                            b.prev_hash,
+                            b.hashes,
+                            b.body,
+                        ),
+                    )
+                backlog = int(conn.execute(_APPENDED_SQL, (added,)).fetchone()[0])
+                if backlog > limit:
+                    # The bound: deferred work must not grow without limit (README).
+                    cpu = time.thread_time()
+                    n = _index(conn, backlog - limit)
+                    self.index_cpu_s += time.thread_time() - cpu
+                    self.indexed_records += n
+                    backlog -= n
+            except BaseException:
+                _rollback(conn)
                 raise
-            await self._call(True, _commit)
+            _commit(conn)
+            return backlog
+
+        self.backlog = await self._run(True, write)
+        return self.backlog
+
+    async def index_pending(self, limit: int | None = None) -> int:
+        """Index up to `limit` records of the log (all when None) into audit_records, in
+        transactions of whole log rows; returns how many were indexed. Idempotent and safe to
+        run from any process at once (each takes the database's write lock)."""
+        done = 0
+        while limit is None or done < limit:
+            step = INDEX_STEP if limit is None else min(INDEX_STEP, limit - done)
+
+            def run(conn: sqlite3.Connection, step: int = step) -> tuple[int, int]:
+                cpu = time.thread_time()
+                try:
+                    _begin(conn)
+                    try:
+                        n = _index(conn, step)
+                        backlog = int(conn.execute(_BACKLOG_SQL).fetchone()[0])
+                    except BaseException:
+                        _rollback(conn)
+                        raise
+                    _commit(conn)
+                finally:
+                    self.index_cpu_s += time.thread_time() - cpu
+                return n, backlog
+
+            n, self.backlog = await self._run(True, run)
+            done += n
+            if n == 0:
+                break
+        self.indexed_records += done
+        return done
+
+    async def _index_first(self) -> None:
+        """Before any read: index what the log holds (this or another process's flushes), so
+        every committed record is seen. A read-only copy cannot: it reads what is indexed
+        (verify still walks the log)."""
+
+        def pending(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM audit_log WHERE id >"
+                    " (SELECT log_id FROM audit_log_indexed WHERE id = 1))"
+                ).fetchone()[0]
+            )
+
+        try:
+            if not await self._run(False, pending):
+                return
+            await self.index_pending()
+        except (AuditStoreUnavailable, sqlite3.Error) as exc:
+            log.warning("audit: could not index the log before reading: %s", exc)
+
+    async def unindexed(self) -> int:
+        """How many logged records are not indexed yet (all processes')."""
+        self.backlog = int(await self._run(False, lambda c: c.execute(_BACKLOG_SQL).fetchone()[0]))
+        return self.backlog
 
     async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         row = checkpoint_row(checkpoint)
@@ -234,6 +368,8 @@ class SqliteAuditStore:
         await self._run(True, lambda c: c.execute(sql, row))
 
     async def delete_before(self, time_us: int, sign: RetentionSigner) -> dict[str, int]:
+        await self.index_pending()  # retention counts and deletes indexed records only
+
         def trim(conn: sqlite3.Connection) -> list[Checkpoint]:
             made: list[Checkpoint] = []
             conn.execute("BEGIN IMMEDIATE")
@@ -241,6 +377,7 @@ class SqliteAuditStore:
                 # The trigger is dropped and re-created inside this one transaction: no other
                 # connection ever sees the table without it (DDL is transactional in SQLite).
                 conn.execute("DROP TRIGGER audit_records_no_delete")
+                conn.execute("DROP TRIGGER audit_log_no_delete")
                 for chain_id, boundary in _boundaries(conn, time_us):
                     head = conn.execute(
                         "SELECT hash FROM audit_records WHERE chain_id = ? AND seq = ?",
@@ -252,6 +389,12 @@ class SqliteAuditStore:
                         "DELETE FROM audit_records WHERE chain_id = ? AND seq <= ?",
                         (chain_id, boundary),
                     ).rowcount
+                    # Log rows wholly at or below the boundary go too; a row across it stays
+                    # (verify skips its records up to the retention checkpoint).
+                    conn.execute(
+                        "DELETE FROM audit_log WHERE chain_id = ? AND last_seq <= ?",
+                        (chain_id, boundary),
+                    )
                     cp = sign(chain_id, boundary, head[0], n)
                     conn.execute(
                         f"INSERT INTO audit_checkpoints ({', '.join(CHECKPOINT_COLUMNS)})"  # noqa: S608  # constant SQL pieces; values are bound
@@ -260,6 +403,7 @@ class SqliteAuditStore:
                     )
                     made.append(cp)
                 conn.execute(_NO_DELETE)
+                conn.execute(_LOG_NO_DELETE)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -272,13 +416,18 @@ class SqliteAuditStore:
     # ---------------------------------------------------------------- reads
 
     async def chains(self) -> list[str]:
+        await self._index_first()
+
         def q(conn: sqlite3.Connection) -> list[str]:
-            rows = conn.execute("SELECT DISTINCT chain_id FROM audit_records ORDER BY 1")
+            rows = conn.execute(
+                "SELECT chain_id FROM audit_records UNION SELECT chain_id FROM audit_log ORDER BY 1"
+            )
             return [r[0] for r in rows]
 
         return await self._run(False, q)
 
     async def iter_chain(self, chain_id: str) -> AsyncIterator[AuditRecord]:
+        await self._index_first()
         after = -1
         while True:
 
@@ -295,7 +444,41 @@ class SqliteAuditStore:
                 return
             after = int(rows[-1][1])
 
+    async def iter_log(self, chain_id: str) -> AsyncIterator[tuple[int, str, str, bytes, bool]]:
+        """The chain's records as the log holds them, in seq order: (seq, prev_hash, hash,
+        canonical bytes, indexed). Malformed rows raise ValueError (verify reports them)."""
+        mark = int(
+            await self._run(
+                False,
+                lambda c: c.execute("SELECT log_id FROM audit_log_indexed WHERE id = 1").fetchone()[
+                    0
+                ],
+            )
+        )
+        after = (-1, -1)
+        while True:
+
+            def page(conn: sqlite3.Connection, after: tuple[int, int] = after) -> list[Any]:
+                return conn.execute(
+                    "SELECT first_seq, id, chain_id, prev_hash, hashes, body FROM audit_log"
+                    " WHERE chain_id = ?1 AND (first_seq > ?2 OR (first_seq = ?2 AND id > ?3))"
+                    " ORDER BY first_seq, id LIMIT ?4",
+                    (chain_id, *after, LOG_PAGE),
+                ).fetchall()
+
+            rows = await self._run(False, page)
+            for row in rows:
+                batch = log_batch((row[2], row[0], row[3], row[4], row[5]))
+                indexed = int(row[1]) <= mark
+                for seq, prev, h, data in batch.links():
+                    yield seq, prev, h, data, indexed
+            if len(rows) < LOG_PAGE:
+                return
+            after = (int(rows[-1][0]), int(rows[-1][1]))
+
     async def head(self, chain_id: str) -> tuple[int, str] | None:
+        await self._index_first()
+
         def q(conn: sqlite3.Connection) -> tuple[int, str] | None:
             row = conn.execute(
                 "SELECT seq, hash FROM audit_records WHERE chain_id = ? ORDER BY seq DESC LIMIT 1",
@@ -306,6 +489,7 @@ class SqliteAuditStore:
         return await self._run(False, q)
 
     async def query(self, filter: AuditFilter, limit: int, offset: int = 0) -> list[AuditRecord]:
+        await self._index_first()
         where, args = filter_sql(filter, "?")
         sql = f"{_SELECT}{where} ORDER BY time_us DESC, chain_id, seq DESC LIMIT ? OFFSET ?"
 
@@ -315,6 +499,7 @@ class SqliteAuditStore:
         return await self._run(False, q)
 
     async def count(self, filter: AuditFilter) -> int:
+        await self._index_first()
         where, args = filter_sql(filter, "?")
 
         def q(conn: sqlite3.Connection) -> int:
@@ -325,6 +510,8 @@ class SqliteAuditStore:
         return await self._run(False, q)
 
     async def get(self, chain_id: str, seq: int) -> AuditRecord | None:
+        await self._index_first()
+
         def q(conn: sqlite3.Connection) -> AuditRecord | None:
             row = conn.execute(
                 f"{_SELECT} WHERE chain_id = ? AND seq = ?", (chain_id, seq)
@@ -334,6 +521,7 @@ class SqliteAuditStore:
         return await self._run(False, q)
 
     async def stats(self, filter: AuditFilter, bucket_seconds: int) -> AuditStats:
+        await self._index_first()
         where, args = filter_sql(filter, "?")
         bucket = max(1, int(bucket_seconds)) * 1_000_000
         refused_where = (where + " AND " if where else " WHERE ") + REFUSED_SQL
@@ -419,3 +607,81 @@ def _boundaries(conn: sqlite3.Connection, time_us: int) -> list[tuple[str, int]]
         if done is None or int(seq) > int(done):
             out.append((str(chain_id), int(seq)))
     return out
+
+
+_TOP_SQL: Final = (
+    "SELECT MAX(m) FROM (SELECT (SELECT last_seq FROM audit_log WHERE chain_id = ?1"
+    " ORDER BY first_seq DESC LIMIT 1) AS m"
+    " UNION ALL SELECT (SELECT MAX(seq) FROM audit_records WHERE chain_id = ?1))"
+)
+
+
+def _after_stored(
+    conn: sqlite3.Connection, batch: SealedBatch, ignore_existing: bool
+) -> SealedBatch | None:
+    """The batch without the records its chain already has (or IntegrityError)."""
+    top = conn.execute(_TOP_SQL, (batch.chain_id,)).fetchone()[0]
+    if top is None or batch.first_seq > int(top):
+        return batch
+    if not ignore_existing:
+        raise sqlite3.IntegrityError(
+            f"UNIQUE constraint failed: audit record {batch.chain_id} {batch.first_seq}"
+            " is already stored"
+        )
+    return batch.tail(int(top) - batch.first_seq + 1)
+
+
+def log_batch(row: Sequence[Any]) -> SealedBatch:
+    """A log row (chain_id, first_seq, prev_hash, hashes, body) as its batch; ValueError when
+    the row is malformed (its hashes and records do not pair up)."""
+    chain_id, first_seq, prev_hash, hashes, body = row
+    raw = bytes(hashes)
+    if len(raw) % HASH_BYTES:
+        raise ValueError("audit log row: hashes and records do not pair up")
+    return SealedBatch(
+        str(chain_id), int(first_seq), str(prev_hash), bytes(body), raw, len(raw) // HASH_BYTES
+    )
+
+
+def _index(conn: sqlite3.Connection, want: int) -> int:
+    """Inside a write transaction: index whole log rows past the mark until `want` records are
+    done; move the mark with them (same transaction: a crash leaves both or neither). INSERT OR
+    IGNORE: a record already indexed (a mark lost, a legacy row) is never indexed twice.
+    Returns the records of the rows consumed."""
+    mark = int(conn.execute("SELECT log_id FROM audit_log_indexed WHERE id = 1").fetchone()[0])
+    done = 0
+    sql = _INSERT.replace("INSERT", "INSERT OR IGNORE", 1)
+    while done < want:
+        rows = conn.execute(
+            "SELECT id, chain_id, first_seq, prev_hash, hashes, body, count FROM audit_log"
+            " WHERE id > ? ORDER BY id LIMIT 8",
+            (mark,),
+        ).fetchall()
+        if not rows:
+            break
+        for row in rows:
+            mark = int(row[0])
+            done += int(row[6])
+            try:
+                batch_rows = log_batch(row[1:6]).rows()
+            # A damaged row: verify names it; the rows after it are still indexed.
+            except (ValueError, IndexError, TypeError) as exc:
+                log.error("audit log row %d cannot be indexed: %s", mark, exc)
+            else:
+                conn.executemany(sql, batch_rows)
+            if done >= want:
+                break
+    conn.execute(
+        "UPDATE audit_log_indexed SET log_id = ?, indexed = indexed + ? WHERE id = 1",
+        (mark, done),
+    )
+    return done
+
+
+def link_ok(prefix: bytes, prev_hash: str, data: bytes, hash_hex: str) -> bool:
+    """The record's bytes name its own chain and seq (`prefix`) and hash to `hash_hex`."""
+    if not data.startswith(prefix):
+        return False
+    h = hashlib.sha256(bytes.fromhex(prev_hash))
+    h.update(data)
+    return h.hexdigest() == hash_hex

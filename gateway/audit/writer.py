@@ -9,16 +9,20 @@ the store, or fsynced to the spool while the store is down; concurrent requests 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hashlib
 import logging
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
+from gateway.audit.batch import SEP, SealedBatch
 from gateway.audit.chain import Chain, new_chain_id
 from gateway.audit.checkpoint import Checkpointer
-from gateway.audit.record import AuditEvent, AuditRecord
+from gateway.audit.record import AuditEvent, AuditRecord, canonical
 from gateway.audit.redact import Redactor
+from gateway.audit.request_facts import RequestEncoder
 from gateway.audit.spool import Spool, orphans, spool_path
 from gateway.audit.store import AuditStore
 
@@ -26,6 +30,13 @@ log = logging.getLogger("tabiji.audit")
 Mode = Literal["batched", "durable"]
 MAX_BACKLOG: Final = 1_000_000  # sealed records kept in memory while store AND spool fail
 MAX_PENDING: Final = 200_000  # unsealed events: beyond this the writer cannot keep up
+# Deferred indexing (SQLite) runs while the machine had at least this many CPUs idle in the
+# last interval (its own indexing counted as idle: it would be), a step at a time, and not
+# while many events (or a durable request) wait to be sealed. Spare CPU, not saved CPU: README
+# "Performance". Without /proc/stat: while requests used less than 1 - this of our CPU.
+IDLE_SPARE_CPUS: Final = 0.3
+IDLE_MAX_PENDING: Final = 2000  # past this many unsealed events, indexing waits for the flush
+IDLE_STEP: Final = 500  # records per idle indexing step (≈ 6 ms of the store's thread)
 
 
 class AuditWriter:
@@ -43,6 +54,7 @@ class AuditWriter:
         fail_closed: bool = False,
         checkpointer: Checkpointer | None = None,
         redactor: Redactor | None = None,
+        on_backlog: Callable[[int], None] | None = None,
     ) -> None:
         if mode not in ("batched", "durable"):
             raise ValueError("audit mode must be 'batched' or 'durable'")
@@ -54,12 +66,17 @@ class AuditWriter:
         self._chain = Chain(chain_id or new_chain_id())
         self._checkpointer = checkpointer
         self._redactor = redactor or Redactor()
+        self._on_backlog = on_backlog  # told the unindexed backlog after each write or step
         self._spool_dir = spool_dir
         self._spool: Spool | None = None
-        self._pending: list[AuditEvent] = []
+        # AuditEvents, or the pipeline's finished outcomes (encoded at flush time, no event
+        # built per request: gateway.audit.request_facts).
+        self._pending: list[Any] = []
         self._waiters: list[asyncio.Future[bool]] = []
-        self._backlog: list[AuditRecord] = []  # sealed, persisted nowhere yet
-        self._presealed: list[AuditRecord] = []  # sealed during a commit; next in line
+        self._backlog: list[SealedBatch] = []  # sealed, persisted nowhere yet
+        self._presealed: list[SealedBatch] = []  # sealed during a commit; next in line
+        self._encoder = RequestEncoder(self._chain.chain_id, self._redactor)
+        self._head_raw = bytes.fromhex(self._chain.head)
         self._preseal_waiters: list[asyncio.Future[bool]] = []
         self._committed: tuple[int, str] | None = None  # last (seq, hash) in the store
         self._store_ok = True
@@ -84,9 +101,25 @@ class AuditWriter:
         return self._persist_ok and not self._closed and len(self._pending) < MAX_PENDING
 
     @property
+    def unindexed(self) -> int:
+        """Records committed to the store's log but not indexed yet (SQLite; else 0)."""
+        return int(getattr(self.store, "backlog", 0))
+
+    def _report_backlog(self) -> None:
+        if self._on_backlog is not None:
+            self._on_backlog(self.unindexed)
+
+    @property
     def store_ok(self) -> bool:
         """False while the store is unreachable (records are being spooled)."""
         return self._store_ok
+
+    def submit_outcome(self, outcome: object) -> None:
+        """Queue a finished request's outcome (batched mode): it is encoded at flush time, so
+        it must not change after this call (the pipeline's Outcome is finished by then)."""
+        self._pending.append(outcome)
+        if len(self._pending) >= self.max_batch:
+            self._wake.set()
 
     def submit(self, event: AuditEvent) -> None:
         """Queue an event; hashing and I/O happen in the flush task. Never raises for I/O.
@@ -158,47 +191,114 @@ class AuditWriter:
         self._closed = True
 
     async def _run(self) -> None:
+        clock = _CpuClock(self.store)
+        loop = asyncio.get_running_loop()
+        wake = self._wake
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
-            self._wake.clear()
+            # A timer that sets the event, not wait_for(): that made a task and a cancellation
+            # (an exception) on every idle tick, ten times a second.
+            timer = loop.call_later(self.flush_interval, wake.set)
+            await wake.wait()
+            timer.cancel()
+            wake.clear()
             try:
                 await self.flush()
+                await self._index_idle(clock)
+                self._report_backlog()
             except Exception:  # the loop must survive anything; flush errors never reach requests
                 log.exception("audit flush failed")
+
+    def _behind(self) -> bool:
+        """Events pile up (or a durable request waits): sealing them comes first."""
+        return bool(self._waiters) or len(self._pending) >= IDLE_MAX_PENDING
+
+    async def _index_idle(self, clock: _CpuClock) -> None:
+        """Deferred indexing with spare CPU: judged over the last tick (≥ one flush interval,
+        so the 10 ms resolution of /proc/stat matters little), then steps for as long as that
+        spare CPU would have lasted, stopping early when events arrive."""
+        index = getattr(self.store, "index_pending", None)
+        if index is None or getattr(self.store, "backlog", 0) <= 0 or self._behind():
+            clock.reset()
+            return
+        spare = clock.spare_cpus()
+        if clock.elapsed() < self.flush_interval:
+            return  # too short a window to judge: keep measuring
+        clock.reset()
+        if spare < IDLE_SPARE_CPUS:
+            return
+        budget = time.monotonic() + min(spare, 1.0) * self.flush_interval
+        while not self._behind() and not self._stopping and time.monotonic() < budget:
+            if not await index(IDLE_STEP):
+                break
 
     # ---------------------------------------------------------------- flushing
 
     async def _flush_locked(self) -> None:
+        if not (self._pending or self._waiters or self._backlog or self._presealed) and (
+            self._spool is None or self._spool.empty
+        ):
+            await self._maybe_checkpoint()  # nothing to write: the idle tick stays cheap
+            return
         events, waiters = self._pending, self._waiters
         self._pending, self._waiters = [], []
-        # Chain order: records that failed before, then those sealed during the last commit,
+        # Chain order: batches that failed before, then those sealed during the last commit,
         # then the events that arrived since.
-        records = self._backlog + self._presealed
+        batches = self._backlog + self._presealed
         waiters = self._preseal_waiters + waiters
         self._backlog, self._presealed, self._preseal_waiters = [], [], []
         ok = False
         try:
-            seal, redact = self._chain.seal, self._redactor.apply
-            records.extend(seal(redact(e)) for e in events)
+            if events:
+                batches.append(self._seal(events))
             try:
-                ok = await self._persist_overlapped(records)
+                ok = await self._persist_overlapped(batches)
             except Exception:  # a bug, not an outage: keep the records and retry next flush
                 log.exception("audit persist failed")
             if not ok:
-                self._keep_backlog(records)
+                self._keep_backlog(batches)
         finally:
-            self._persist_ok = ok or not records
+            self._persist_ok = ok or not batches
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(ok)
         await self._maybe_checkpoint()
 
-    async def _persist_overlapped(self, records: list[AuditRecord]) -> bool:
+    def _seal(self, items: list[Any]) -> SealedBatch:
+        """Chain the items: each one's canonical bytes and sha256(prev || bytes), written into
+        one buffer each (no object kept per record)."""
+        chain = self._chain
+        cid, first, prev_hex = chain.chain_id, chain.seq + 1, chain.head
+        encode, redact, sha = self._encoder.encode, self._redactor.apply, hashlib.sha256
+        head, seq = self._head_raw, chain.seq
+        body = bytearray()
+        hashes = bytearray()
+        for item in items:
+            seq += 1
+            if type(item) is AuditEvent:
+                data = canonical(cid, seq, redact(item))
+            else:
+                try:
+                    data = encode(seq, item)
+                except Exception:  # a bug in the fast encoder must not lose the record
+                    log.exception("audit: request encoding failed; using the reference")
+                    from gateway.audit.trail import request_event
+
+                    data = canonical(cid, seq, redact(request_event(item)))
+            h = sha(head)
+            h.update(data)
+            head = h.digest()
+            if body:
+                body += SEP
+            body += data
+            hashes += head
+        chain.seq, chain.head, self._head_raw = seq, head.hex(), head
+        return SealedBatch(cid, first, prev_hex, bytes(body), bytes(hashes), len(items))
+
+    async def _persist_overlapped(self, batches: list[SealedBatch]) -> bool:
         """Persist, and while the store works (SQLite and psycopg release the GIL), seal the
-        events that keep arriving, so hashing and committing overlap. The presealed records
-        follow `records` in the chain and go out with the next flush."""
-        task = asyncio.ensure_future(self._persist(records))
+        events that keep arriving, so hashing and committing overlap. The presealed batches
+        follow `batches` in the chain and go out with the next flush."""
+        task = asyncio.ensure_future(self._persist(batches))
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.005)
             if done:
@@ -206,42 +306,46 @@ class AuditWriter:
             if self._pending:
                 events, waiters = self._pending, self._waiters
                 self._pending, self._waiters = [], []
-                seal, redact = self._chain.seal, self._redactor.apply
-                self._presealed.extend(seal(redact(e)) for e in events)
+                self._presealed.append(self._seal(events))
                 self._preseal_waiters.extend(waiters)
 
-    def _keep_backlog(self, records: list[AuditRecord]) -> None:
-        if len(records) > MAX_BACKLOG:
-            lost = len(records) - MAX_BACKLOG
+    def _keep_backlog(self, batches: list[SealedBatch]) -> None:
+        total = sum(len(b) for b in batches)
+        while total > MAX_BACKLOG and batches:
+            lost = min(len(batches[0]), total - MAX_BACKLOG)
             self.dropped += lost
             log.error("audit: store and spool failing; %d records lost (chain gap)", lost)
-            records = records[lost:]
-        self._backlog = records
+            rest = batches[0].tail(lost)
+            batches = batches[1:] if rest is None else [rest, *batches[1:]]
+            total -= lost
+        self._backlog = batches
 
-    async def _persist(self, records: list[AuditRecord]) -> bool:
+    async def _persist(self, batches: list[SealedBatch]) -> bool:
         """Store, else spool; always in chain order (older spooled records first)."""
         spool = self._spool
         if spool is not None and not spool.empty and not await self._drain(spool):
-            return await self._spool_append(records)
-        if not records:
+            return await self._spool_append(batches)
+        if not batches:
             return True
         try:
-            await self.store.append_batch(records)
+            # check=False: these batches continue this writer's own chain by construction.
+            await self.store.append_log(batches, check=False)
         except Exception as exc:  # any store failure means: spool and retry
             if self._store_ok:
                 log.error("audit store unavailable, spooling: %s", exc)
             self._store_ok = False
-            return await self._spool_append(records)
+            return await self._spool_append(batches)
         self._store_ok = True
-        self._committed = (records[-1].seq, records[-1].hash)
-        self.committed_records += len(records)
+        self._committed = (batches[-1].last_seq, batches[-1].head)
+        self.committed_records += sum(len(b) for b in batches)
         return True
 
-    async def _spool_append(self, records: list[AuditRecord]) -> bool:
+    async def _spool_append(self, batches: list[SealedBatch]) -> bool:
         if self._spool is None:
             return False
-        if not records:
+        if not batches:
             return True
+        records: list[AuditRecord] = [r for b in batches for r in b.records()]
         try:
             await asyncio.to_thread(self._spool.append, records)
         except OSError as exc:
@@ -302,3 +406,44 @@ class AuditWriter:
 def now_us() -> int:
     """UTC microseconds since the epoch (for building AuditEvents)."""
     return time.time_ns() // 1000
+
+
+class _CpuClock:
+    """Spare CPU since the last reset: the machine's idle CPUs (Linux /proc/stat) plus what
+    this process spent indexing (it would have been idle), per wall second."""
+
+    def __init__(self, store: object) -> None:
+        self._store = store
+        self._tick = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+        self.reset()
+
+    def _index_cpu(self) -> float:
+        return float(getattr(self._store, "index_cpu_s", 0.0))
+
+    def _machine_idle(self) -> float | None:
+        try:
+            with open("/proc/stat", "rb") as f:
+                fields = f.readline().split()
+        except OSError:
+            return None
+        return (int(fields[4]) + int(fields[5])) * self._tick  # idle + iowait, seconds
+
+    def reset(self) -> None:
+        self._wall = time.monotonic()
+        self._cpu = time.process_time()
+        self._idx = self._index_cpu()
+        self._idle = self._machine_idle()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._wall
+
+    def spare_cpus(self) -> float:
+        wall = time.monotonic() - self._wall
+        if wall <= 0:
+            return 0.0
+        indexing = self._index_cpu() - self._idx
+        idle = self._machine_idle()
+        if idle is None or self._idle is None:
+            requests = time.process_time() - self._cpu - indexing
+            return max(0.0, 1.0 - requests / wall)
+        return (idle - self._idle + indexing) / wall

@@ -169,6 +169,7 @@ async def test_audit_store_refuses_update_and_delete(store: AuditStore, tmp_path
     """The append-only triggers refuse UPDATE and DELETE of records and checkpoints, even to a
     direct SQL client (only a retention transaction may delete records)."""
     await store.append_batch(sample())
+    assert await store.chains()  # a read: SQLite indexes its log into audit_records first
     key = load_private_key(tmp_path / "k.pem", create=True)
     await store.add_checkpoint(Checkpoint("a:1:1", 1, "00", 1, 1, "periodic").signed(key))
     statements = [
@@ -178,7 +179,8 @@ async def test_audit_store_refuses_update_and_delete(store: AuditStore, tmp_path
         "DELETE FROM audit_checkpoints",
     ]
     if isinstance(store, SqliteAuditStore):
-        for sql in statements:
+        log_statements = ["UPDATE audit_log SET body = x'00'", "DELETE FROM audit_log"]
+        for sql in [*statements, *log_statements]:
             conn = sqlite3.connect(store.path)
             with pytest.raises(sqlite3.IntegrityError, match="append-only"):
                 conn.execute(sql)

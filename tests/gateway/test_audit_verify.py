@@ -11,6 +11,7 @@ import pytest
 from audit_helpers import Filled, fill, make_event
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.audit.batch import batches_of
 from gateway.audit.checkpoint import Checkpoint, append_export, read_export
 from gateway.audit.query import BadRecord
 from gateway.audit.record import AuditRecord, chain_hash, record_from_dict
@@ -40,6 +41,24 @@ def attack(db: Path, *statements: str, params: tuple[object, ...] = ()) -> None:
         conn.execute(f"DROP TRIGGER {name}")
     for sql in statements:
         conn.execute(sql, params if "?" in sql else ())
+    conn.commit()
+    conn.close()
+
+
+def relog(db: Path) -> None:
+    """A careful attacker rewrites the append-only log too, to match the edited records (one
+    log row per record, every row marked indexed)."""
+    records = read_all(db)
+    attack(db, "DELETE FROM audit_log")
+    conn = sqlite3.connect(db)
+    for b in batches_of(records):
+        for seq, prev, h, data in b.links():
+            conn.execute(
+                "INSERT INTO audit_log (chain_id, first_seq, last_seq, count, prev_hash, hashes,"
+                " body) VALUES (?, ?, ?, 1, ?, ?, ?)",
+                (b.chain_id, seq, seq, prev, bytes.fromhex(h), data),
+            )
+    conn.execute("UPDATE audit_log_indexed SET log_id = (SELECT MAX(id) FROM audit_log)")
     conn.commit()
     conn.close()
 
@@ -193,6 +212,7 @@ async def test_audit_export_catches_resigned_history(filled: Filled, tmp_path: P
         )
     conn.commit()
     conn.close()
+    relog(db)
     assert await check(filled, db, export=False) is None  # the DB alone is consistent again
     bad = await check(filled, db)
     assert bad is not None
@@ -210,6 +230,7 @@ async def test_audit_verify_catches_truncation(filled: Filled, tmp_path: Path) -
         "DELETE FROM audit_records WHERE seq > 15",
         "DELETE FROM audit_checkpoints WHERE seq > 15",
     )
+    relog(db)
     assert await check(filled, db, export=False) is None
     bad = await check(filled, db)
     assert bad is not None

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.audit.batch import SEP, batches_of
 from gateway.audit.checkpoint import Checkpoint, load_private_key, read_export
 from gateway.audit.record import AuditRecord, chain_hash
 from gateway.audit.store import CHECKPOINT_COLUMNS as CHECKPOINT_FIELDS
@@ -506,6 +507,30 @@ def _rehash_rewrite(db: Path, chain_id: str, seq: int, key_file: Path) -> None:
             f"INSERT INTO audit_records ({columns}) VALUES ({marks})",  # noqa: S608  # constant columns
             [record_row(r) for r in new],
         )
+        # The append-only log holds the same records: rewritten to match (same row ids, so
+        # they stay marked as indexed).
+        log_ids = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM audit_log WHERE chain_id = ? ORDER BY first_seq", (chain_id,)
+            )
+        ]
+        conn.execute("DELETE FROM audit_log WHERE chain_id = ?", (chain_id,))
+        for log_id, batch in zip(log_ids, batches_of(new), strict=False):
+            conn.execute(
+                "INSERT INTO audit_log (id, chain_id, first_seq, last_seq, count, prev_hash,"
+                " hashes, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    log_id,
+                    chain_id,
+                    batch.first_seq,
+                    batch.last_seq,
+                    len(batch),
+                    batch.prev_hash,
+                    b"".join(batch.digests),
+                    SEP.join(batch.canon),
+                ),
+            )
         conn.execute("DELETE FROM audit_checkpoints WHERE chain_id = ?", (chain_id,))
         for cp in checkpoints:
             resigned = Checkpoint(
