@@ -35,6 +35,12 @@ MAX_PENDING: Final = 200_000  # unsealed events: beyond this the writer cannot k
 # while many events (or a durable request) wait to be sealed. Spare CPU, not saved CPU: README
 # "Performance". Without /proc/stat: while requests used less than 1 - this of our CPU.
 IDLE_SPARE_CPUS: Final = 0.3
+# While the store is known to be down, flushes go straight to the spool and the store is tried
+# again at most this often, each try bounded by STORE_PROBE_BUDGET: an unreachable server (a pool
+# waiting out its connect timeout) must not hold records in memory, or durable requests, for
+# seconds per flush.
+STORE_RETRY_INTERVAL: Final = 1.0
+STORE_PROBE_BUDGET: Final = 0.5
 IDLE_MAX_PENDING: Final = 2000  # past this many unsealed events, indexing waits for the flush
 IDLE_STEP: Final = 500  # records per idle indexing step (≈ 6 ms of the store's thread)
 
@@ -55,6 +61,7 @@ class AuditWriter:
         checkpointer: Checkpointer | None = None,
         redactor: Redactor | None = None,
         on_backlog: Callable[[int], None] | None = None,
+        store_retry_interval: float = STORE_RETRY_INTERVAL,
     ) -> None:
         if mode not in ("batched", "durable"):
             raise ValueError("audit mode must be 'batched' or 'durable'")
@@ -80,6 +87,8 @@ class AuditWriter:
         self._preseal_waiters: list[asyncio.Future[bool]] = []
         self._committed: tuple[int, str] | None = None  # last (seq, hash) in the store
         self._store_ok = True
+        self._store_retry_interval = store_retry_interval
+        self._next_store_try = 0.0  # monotonic; only consulted while the store is known down
         self._persist_ok = True
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -323,8 +332,15 @@ class AuditWriter:
     async def _persist(self, batches: list[SealedBatch]) -> bool:
         """Store, else spool; always in chain order (older spooled records first)."""
         spool = self._spool
-        if spool is not None and not spool.empty and not await self._drain(spool):
-            return await self._spool_append(batches)
+        if spool is not None and not spool.empty:
+            known_down = not self._store_ok
+            if known_down and time.monotonic() < self._next_store_try:
+                return await self._spool_append(batches)  # straight to local disk
+            if not await self._drain(
+                spool, probe_budget=STORE_PROBE_BUDGET if known_down else None
+            ):
+                self._next_store_try = time.monotonic() + self._store_retry_interval
+                return await self._spool_append(batches)
         if not batches:
             return True
         try:
@@ -334,6 +350,7 @@ class AuditWriter:
             if self._store_ok:
                 log.error("audit store unavailable, spooling: %s", exc)
             self._store_ok = False
+            self._next_store_try = time.monotonic() + self._store_retry_interval
             return await self._spool_append(batches)
         self._store_ok = True
         self._committed = (batches[-1].last_seq, batches[-1].head)
@@ -353,12 +370,20 @@ class AuditWriter:
             return False
         return True
 
-    async def _drain(self, spool: Spool) -> bool:
-        """Move the spool into the store; True when it is empty afterwards."""
+    async def _drain(self, spool: Spool, *, probe_budget: float | None = None) -> bool:
+        """Move the spool into the store; True when it is empty afterwards. With `probe_budget`
+        the first batch must be committed within it (is the store back at all?); the rest take
+        as long as they need. A batch cut off by the budget is safe: a drain skips records
+        already stored."""
         last: AuditRecord | None = None
         try:
-            for batch in await asyncio.to_thread(lambda: list(spool.read(self.max_batch))):
-                await self.store.append_batch(batch, ignore_existing=True)
+            batches = await asyncio.to_thread(lambda: list(spool.read(self.max_batch)))
+            for index, batch in enumerate(batches):
+                append = self.store.append_batch(batch, ignore_existing=True)
+                if index == 0 and probe_budget is not None:
+                    await asyncio.wait_for(append, probe_budget)
+                else:
+                    await append
                 last = batch[-1]
                 self.committed_records += len(batch)
             await asyncio.to_thread(spool.clear)

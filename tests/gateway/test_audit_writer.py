@@ -12,6 +12,7 @@ import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from audit_helpers import T0, audit_key, dispose, make_event, new_store
@@ -21,6 +22,7 @@ from gateway.audit.checkpoint import Checkpointer, read_export
 from gateway.audit.query import AuditFilter
 from gateway.audit.record import AuditRecord
 from gateway.audit.spool import Spool, spool_path
+from gateway.audit.store import AuditStoreUnavailable
 from gateway.audit.store_sqlite import SqliteAuditStore
 from gateway.audit.verify import verify
 from gateway.audit.writer import AuditWriter
@@ -113,6 +115,7 @@ async def test_audit_outage_spools_and_drains_nothing_lost(tmp_path: Path) -> No
         checkpointer=cp,
         flush_interval=3600,
         fail_closed=True,
+        store_retry_interval=0,  # the store is tried again at every flush
     )
     await w.start()
     for i in range(10):
@@ -303,3 +306,71 @@ async def test_audit_writer_into_postgres_verifies(tmp_path: Path) -> None:
         assert report.records_checked == 300
     finally:
         await dispose(store)
+
+
+class UnansweringStore(SqliteAuditStore):
+    """The real SQLite store behind a failing network: "refuse" fails every write at once (a
+    refused connection); "hang" makes every write wait for an answer that never comes (a server
+    that vanished, a pool waiting out its connect timeout)."""
+
+    failure: str | None = None
+    writes_tried = 0
+
+    async def _fail(self) -> None:
+        if self.failure is None:
+            return
+        self.writes_tried += 1
+        if self.failure == "refuse":
+            raise AuditStoreUnavailable("audit store: refused")
+        await asyncio.Event().wait()
+
+    async def append_batch(
+        self, records: Sequence[AuditRecord], *, ignore_existing: bool = False
+    ) -> None:
+        await self._fail()
+        await super().append_batch(records, ignore_existing=ignore_existing)
+
+    async def append_log(self, batches: Sequence[Any], **kwargs: Any) -> int:
+        await self._fail()
+        return await super().append_log(batches, **kwargs)
+
+
+@pytest.mark.anyio
+async def test_audit_store_known_down_spools_at_once_and_retries_bounded(tmp_path: Path) -> None:
+    """Once the store is known down, durable requests are released by the fsynced spool without
+    touching the store; it is tried again only when the retry interval has passed, and then for
+    a bounded probe, so a store that stopped answering never holds records or requests; when it
+    answers again the spool drains in order with nothing lost."""
+    store = UnansweringStore(tmp_path / "a.db")
+    w = AuditWriter(
+        store,
+        chain_id="c:1:1",
+        spool_dir=tmp_path / "spool",
+        flush_interval=3600,
+        mode="durable",
+        store_retry_interval=3600,
+    )
+    await w.start()
+    assert await w.submit_durable(make_event(request_id="before")) is True
+    store.failure = "refuse"
+    assert await w.submit_durable(make_event(request_id="refused")) is True  # spooled
+    assert w.store_ok is False
+    store.failure = "hang"
+    tried = store.writes_tried
+    for i in range(10):
+        assert await asyncio.wait_for(w.submit_durable(make_event(request_id=f"d{i}")), 10)
+    assert store.writes_tried == tried  # the retry interval has not passed: no store call at all
+    w._next_store_try = 0.0  # it has now: one probe, cut off by its budget, then the spool
+    assert await asyncio.wait_for(w.submit_durable(make_event(request_id="d10")), 10)
+    assert store.writes_tried == tried + 1
+    assert w.store_ok is False
+    spool = spool_path(tmp_path / "spool", "c:1:1")
+    assert len(spool.read_text().splitlines()) == 12
+    store.failure = None
+    w._next_store_try = 0.0
+    assert await w.submit_durable(make_event(request_id="after")) is True
+    assert w.store_ok is True
+    await w.close()
+    ids = [r.event.request_id async for r in store.iter_chain("c:1:1")]
+    assert ids == ["before", "refused", *(f"d{i}" for i in range(11)), "after"]
+    await store.close()
