@@ -7,19 +7,8 @@ which_lock="${1:-gateway}"
 lock="$root/deploy/lock/$which_lock.txt"
 venv="${TABIJI_VENV:-$root/.venv}"
 
-python="${PYTHON:-}"
-if [ -z "$python" ]; then
-  for candidate in python3.11 python3.12 python3.13 python3; do
-    if command -v "$candidate" >/dev/null 2>&1 &&
-       "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-      python="$candidate"; break
-    fi
-  done
-fi
-if [ -z "$python" ]; then
-  echo "Tabiji needs Python 3.11 or newer (set PYTHON=/path/to/python3.11)." >&2
-  exit 2
-fi
+# shellcheck source=deploy/find-python.sh
+source "$root/deploy/find-python.sh" "Tabiji"
 
 digest() { sha256sum "$root/deploy/lock/$1.txt" "$root/pyproject.toml" | sha256sum | cut -c1-16; }
 stamp="$venv/.tabiji-$which_lock-$(digest "$which_lock")"

@@ -8,20 +8,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 lock="$root/deploy/lock/tools.txt"
 venv="${TABIJI_TOOLS_VENV:-$root/.venv-tools}"
 
-# Same interpreter search as deploy/bootstrap.sh (the tools run on 3.11 like the gateway).
-python="${PYTHON:-}"
-if [ -z "$python" ]; then
-  for candidate in python3.11 python3.12 python3.13 python3; do
-    if command -v "$candidate" >/dev/null 2>&1 &&
-       "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-      python="$candidate"; break
-    fi
-  done
-fi
-if [ -z "$python" ]; then
-  echo "The deploy tools need Python 3.11 or newer (set PYTHON=/path/to/python3.11)." >&2
-  exit 2
-fi
+# shellcheck source=deploy/find-python.sh
+source "$root/deploy/find-python.sh" "The deploy tools"
 
 stamp="$venv/.tabiji-tools-$(sha256sum "$lock" | cut -c1-16)"
 if [ -f "$stamp" ]; then
